@@ -1,0 +1,103 @@
+"""Pure-torch references for every kernel. They are also the engine's attention on the CPU.
+
+Layout (vLLM's names):
+  query            [num_tokens, num_heads, head_dim]       tokens of all sequences, concatenated
+  key_cache        [num_blocks, block_size, num_kv_heads, head_dim]   (value_cache alike)
+  query_start_loc  [num_seqs + 1] int    sequence s owns query rows query_start_loc[s]:query_start_loc[s+1]
+  seq_lens         [num_seqs] int        tokens in the cache for s after this step (context + query)
+  block_table      [num_seqs, max_num_blocks_per_seq] int   logical block -> physical block
+  slot_mapping     [num_tokens] int      block * block_size + offset for each new token; -1 = skip
+
+Query row i of sequence s sits at position seq_len - query_len + i and attends causally to cache
+positions 0..that position. K/V are read through block_table only: there is no contiguous per-sequence
+cache anywhere in the engine.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
+    """Write new K/V rows into the paged cache.
+
+    key, value: [num_tokens, num_kv_heads, head_dim]; key_cache, value_cache:
+    [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens], -1 skipped.
+    """
+    num_blocks, block_size = key_cache.shape[:2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+
+
+def _gather(cache, block_table, num_blocks):
+    # cache: [num_blocks_total, block_size, H, D]; block_table: [n, >=num_blocks] -> [n, H, num_blocks*block_size, D]
+    g = cache[block_table[:, :num_blocks].long()]  # [n, num_blocks, block_size, H, D]
+    n, nb, bs, h, d = g.shape
+    return g.reshape(n, nb * bs, h, d).transpose(1, 2)
+
+
+def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale=None, out=None):
+    """Causal attention of each sequence's new query rows over its paged K/V; returns out.
+
+    query: [num_tokens, num_heads, head_dim]; out (optional): same shape. GQA: num_heads is a multiple of
+    num_kv_heads and query head h reads KV head h // (num_heads // num_kv_heads).
+    Decode rows (query_len 1) go through one batched call; prefill chunks run one sequence at a time, so no
+    padding to the longest chunk is ever computed.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size = key_cache.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    if out is None:
+        out = torch.empty_like(query)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    num_seqs = len(lens)
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(num_seqs)]
+    gqa = key_cache.shape[2] != num_heads
+
+    decode = [i for i in range(num_seqs) if q_lens[i] == 1]
+    if decode:
+        idx = torch.tensor(decode, dtype=torch.long, device=query.device)
+        rows = torch.tensor([qsl[i] for i in decode], dtype=torch.long, device=query.device)
+        max_len = max(lens[i] for i in decode)
+        nb = -(-max_len // block_size)
+        bt = block_table[idx]
+        k = _gather(key_cache, bt, nb).to(query.dtype)  # [n, kvh, L, d]
+        v = _gather(value_cache, bt, nb).to(query.dtype)
+        pos = torch.arange(nb * block_size, device=query.device)
+        dl = torch.tensor([lens[i] for i in decode], device=query.device)
+        mask = (pos[None, :] < dl[:, None])[:, None, None, :]  # [n, 1, 1, L]
+        q = query[rows].unsqueeze(2)  # [n, h, 1, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[rows] = o.squeeze(2).to(out.dtype)
+
+    for i in range(num_seqs):
+        ql = q_lens[i]
+        if ql <= 1:
+            continue
+        sl = lens[i]
+        nb = -(-sl // block_size)
+        k = _gather(key_cache, block_table[i : i + 1], nb)[:, :, :sl].to(query.dtype)  # [1, kvh, sl, d]
+        v = _gather(value_cache, block_table[i : i + 1], nb)[:, :, :sl].to(query.dtype)
+        q = query[qsl[i] : qsl[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, h, ql, d]
+        ctx = sl - ql
+        if ctx == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            qpos = torch.arange(ctx, sl, device=query.device)
+            mask = torch.arange(sl, device=query.device)[None, :] <= qpos[:, None]  # [ql, sl]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[qsl[i] : qsl[i + 1]] = o[0].transpose(0, 1).to(out.dtype)
+    return out
+
+
+def dense_causal_attention(q, k, v, scale=None):
+    """Plain causal attention of one sequence, the reference's reference: q [L, h, d], k/v [L, kvh, d]."""
+    h, kvh = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(h // kvh, dim=1)
+    v = v.repeat_interleave(h // kvh, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    L = q.shape[0]
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double()).to(q.dtype)
