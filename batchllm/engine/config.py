@@ -1,0 +1,62 @@
+"""EngineConfig: the engine's settings, frozen. Derived values are returned by methods, never written back."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on the CPU
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_kv_blocks: int | None = None  # None: sized from memory
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 4.0
+    quantization: str | None = None  # None | fp8 | awq
+    enforce_eager: bool = False  # no CUDA graphs
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"engine arg {name}={getattr(self, name)!r}: {want}")
+
+        if self.device not in ("auto", "cuda", "cpu") and not str(self.device).startswith("cuda:"):
+            bad("device", "must be auto, cuda or cpu")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", "must be auto, float32, bfloat16 or float16")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            bad("block_size", "must be one of 8, 16, 32, 64, 128")
+        if self.max_num_seqs < 1:
+            bad("max_num_seqs", "must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            bad("max_num_batched_tokens", "must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            bad("num_kv_blocks", "must be >= 2")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            bad("max_model_len", "must be >= 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.quantization not in (None, "none", "fp8", "awq"):
+            bad("quantization", "must be none, fp8 or awq")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+    def token_budget(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.resolved_device().startswith("cuda") else 2048

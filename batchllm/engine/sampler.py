@@ -1,0 +1,79 @@
+"""Sampling from one step's logits: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Rows are independent: a seeded request draws its noise from its own generator, so it samples the same
+text whatever else shares the batch. Sampling is an exponential race (argmax of probs / Exp(1) noise),
+which equals a categorical draw and needs no host round trip.
+"""
+import torch
+
+from batchllm.engine.request import Request
+
+
+class Sampler:
+    def __init__(self, device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]):
+        """logits: [n, vocab] float32, row i for reqs[i] -> (token ids [n] tensor, logprob dicts or None per row)."""
+        params = [r.sampling_params for r in reqs]
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, reqs, params))
+        logprobs = self._logprobs(logits, tokens, params) if any(p.logprobs is not None for p in params) else None
+        return tokens, logprobs
+
+    def _sample(self, logits, reqs, params):
+        n, vocab = logits.shape
+        dev = logits.device
+        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        x = logits / temp[:, None]
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if any(k < vocab for k in top_k) or any(q < 1.0 for q in top_p):
+            x = _top_k_top_p(x, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev))
+        probs = x.softmax(dim=-1)
+        if any(m > 0 for m in min_p):
+            floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, r in enumerate(reqs):
+            if params[i].seed is not None and not params[i].greedy:
+                if r.generator is None:
+                    r.generator = torch.Generator(device=dev)
+                    r.generator.manual_seed(params[i].seed)
+                noise[i].exponential_(generator=r.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(logits, tokens, params):
+        lp = logits.log_softmax(dim=-1)
+        k = max((p.logprobs or 0) for p in params)
+        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        chosen = lp.gather(1, tokens[:, None])[:, 0]
+        top_v, top_i, chosen, toks = top_v.tolist(), top_i.tolist(), chosen.tolist(), tokens.tolist()
+        out = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            d = dict(zip(top_i[i][: p.logprobs], top_v[i][: p.logprobs]))
+            d[toks[i]] = chosen[i]
+            out.append(d)
+        return out
+
+
+def _top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """x: [n, vocab] logits; k: [n] int; p: [n] float -> x with the excluded tokens at -inf."""
+    sorted_x, idx = x.sort(dim=-1, descending=True)
+    ranks = torch.arange(x.shape[-1], device=x.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    drop |= (cum - probs) >= p[:, None]  # keep the smallest prefix whose mass reaches p (the top token always)
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(-1, idx, sorted_x)
