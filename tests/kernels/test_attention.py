@@ -1,0 +1,134 @@
+"""unified_attention (Triton) against reference.paged_attention on fresh random paged batches.
+
+Runs under the Triton interpreter on CPU (see conftest.py); shapes are kept small for that.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+
+from batchllm.kernels import reference  # noqa: E402
+from batchllm.kernels.attention import choose_num_kv_splits, unified_attention  # noqa: E402
+
+# (query_lens, context_lens): context = seq_len - query_len, the cached prefix.
+BATCHES = {
+    "decode": ([1, 1, 1, 1], [5, 40, 17, 70]),
+    "prefill": ([7, 33, 16], [0, 0, 0]),
+    "prefix": ([9, 20], [16, 37]),
+    "mixed": ([1, 12, 1, 30, 1], [50, 0, 3, 21, 77]),
+}
+
+# (batch, num_heads, num_kv_heads, head_dim, block_size): every batch kind against GQA 1, 2, 4 and 3
+# (not a power of 2: padded query-head rows), both block sizes and both head dims.
+FP32_CASES = [
+    (batch, h, kvh, d, bs)
+    for batch in BATCHES
+    for h, kvh in ((4, 4), (4, 2), (8, 2), (6, 2))
+    for d, bs in ((64, 16), (128, 32), (64, 32), (128, 16))
+    if (h, kvh) != (6, 2) or (d, bs) == (64, 16)
+]
+BF16_CASES = [("mixed", 8, 2, 64, 16), ("decode", 4, 4, 128, 32), ("prefix", 4, 2, 64, 32)]
+
+
+def _run(batch, num_heads, num_kv_heads, head_dim, block_size, dtype, device, paged_batch, seed, **kw):
+    q_lens, ctx_lens = BATCHES[batch]
+    b = paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed)
+    out = torch.full_like(b["query"], float("nan"))
+    res = unified_attention(
+        b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"], b["block_table"],
+        out=out, max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)), **kw,
+    )
+    assert res is out
+    # Reference in float64 (fp32 inputs) or float32 (16-bit inputs): query upcast, K/V upcast after gather.
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    ref = reference.paged_attention(
+        b["query"].to(ref_dtype), b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
+        b["block_table"],
+    )
+    assert not out.isnan().any(), "unwritten or NaN output rows"
+    return out, ref
+
+
+@pytest.mark.parametrize("case", FP32_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp32_matches_reference(case, device, paged_batch, relative_error):
+    out, ref = _run(*case, torch.float32, device, paged_batch, seed=hash(case) % 1000)
+    assert relative_error(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_bf16_matches_reference(case, device, paged_batch, relative_error):
+    out, ref = _run(*case, torch.bfloat16, device, paged_batch, seed=7)
+    assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "case, splits",
+    [(("decode", 8, 2, 64, 16), 4), (("decode", 4, 4, 128, 32), 2), (("mixed", 4, 2, 64, 16), 8)],
+    ids=["decode-gqa4-s4", "decode-d128-s2", "mixed-s8"],
+)
+def test_split_kv_matches_reference(case, splits, device, paged_batch, relative_error):
+    # More segments than some sequences have tiles: empty segments must drop out of the reduction.
+    out, ref = _run(*case, torch.float32, device, paged_batch, seed=11, num_kv_splits=splits)
+    assert relative_error(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"tile_n": 16}, {"tile_n": 128}, {"block_m": 16}, {"block_m": 128, "tile_n": 32}, {"small_m": 0},
+     {"small_m": 32}],
+    ids=["tile16", "tile128", "block_m16", "block_m128", "no_small_tile", "small_m32"],
+)
+def test_tile_shapes(config, device, paged_batch, relative_error):
+    # K/V tiles smaller than, equal to and spanning several paged blocks; query tiles of 1..32 tokens.
+    out, ref = _run("mixed", 8, 2, 64, 32, torch.float32, device, paged_batch, seed=13, config=config)
+    assert relative_error(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_padding_rows_untouched(splits, device, paged_batch):
+    # CUDA-graph padding: query rows past query_start_loc[-1] belong to no sequence and stay as they were.
+    b = paged_batch([1, 1, 1], [30, 9, 64], 4, 2, 64, 16, torch.float32, device, seed=17)
+    q = torch.cat([b["query"], torch.randn(2, 4, 64, device=device)])
+    out = torch.full_like(q, float("nan"))
+    unified_attention(q, b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"], b["block_table"],
+                      out=out, max_query_len=1, max_seq_len=65, num_kv_splits=splits)
+    assert not out[:3].isnan().any()
+    assert out[3:].isnan().all()
+
+
+def test_scale_and_strided_query(device, paged_batch, relative_error):
+    # query as a view into a wider buffer (as a fused QKV projection leaves it), explicit scale.
+    q_lens, ctx_lens = BATCHES["mixed"]
+    b = paged_batch(q_lens, ctx_lens, 4, 2, 64, 16, torch.float32, device, seed=3)
+    wide = torch.randn(b["query"].shape[0], 8, 64, device=device)
+    wide[:, 2:6] = b["query"]
+    q = wide[:, 2:6]
+    out = unified_attention(q, b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
+                            b["block_table"], scale=0.3)
+    ref = reference.paged_attention(q.double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                    b["seq_lens"], b["block_table"], scale=0.3)
+    assert relative_error(out, ref) < 1e-4
+
+
+def test_split_dispatch_rule():
+    # Decode-only, few (seq, kv head) pairs, long context: split to ~2 programs per SM.
+    assert choose_num_kv_splits(4, 8, 1, 32768, num_sms=132) == 16
+    # Enough programs already, or prefill in the batch, or short contexts: no split.
+    assert choose_num_kv_splits(256, 8, 1, 4096, num_sms=132) == 1
+    assert choose_num_kv_splits(4, 8, 7, 32768, num_sms=132) == 1
+    assert choose_num_kv_splits(4, 8, 1, 200, num_sms=132) == 1
+
+
+def test_reference_matches_dense(device):
+    # The reference's own check: one fresh prefill over contiguous blocks equals plain causal attention.
+    gen = torch.Generator().manual_seed(5)
+    L, h, kvh, d, bs = 37, 4, 2, 32, 16
+    q, k, v = (torch.randn(L, n, d, generator=gen, dtype=torch.float64) for n in (h, kvh, kvh))
+    nb = -(-L // bs)
+    kc = torch.randn(nb, bs, kvh, d, generator=gen, dtype=torch.float64)
+    vc = torch.randn(nb, bs, kvh, d, generator=gen, dtype=torch.float64)
+    kc.view(-1, kvh, d)[:L] = k
+    vc.view(-1, kvh, d)[:L] = v
+    out = reference.paged_attention(q, kc, vc, torch.tensor([0, L]), torch.tensor([L]),
+                                    torch.arange(nb, dtype=torch.int32)[None])
+    torch.testing.assert_close(out, reference.dense_causal_attention(q, k, v))
