@@ -55,17 +55,19 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
     q_lens = [qsl[i + 1] - qsl[i] for i in range(num_seqs)]
     gqa = key_cache.shape[2] != num_heads
 
-    decode = [i for i in range(num_seqs) if q_lens[i] == 1]
-    if decode:
-        idx = torch.tensor(decode, dtype=torch.long, device=query.device)
-        rows = torch.tensor([qsl[i] for i in decode], dtype=torch.long, device=query.device)
-        max_len = max(lens[i] for i in decode)
+    # Decode rows, sorted by length and batched in groups so that padding to the group's longest stays small.
+    decode = sorted((i for i in range(num_seqs) if q_lens[i] == 1), key=lambda i: lens[i])
+    for g in range(0, len(decode), 16):
+        group = decode[g : g + 16]
+        idx = torch.tensor(group, dtype=torch.long, device=query.device)
+        rows = torch.tensor([qsl[i] for i in group], dtype=torch.long, device=query.device)
+        max_len = lens[group[-1]]
         nb = -(-max_len // block_size)
         bt = block_table[idx]
         k = _gather(key_cache, bt, nb).to(query.dtype)  # [n, kvh, L, d]
         v = _gather(value_cache, bt, nb).to(query.dtype)
         pos = torch.arange(nb * block_size, device=query.device)
-        dl = torch.tensor([lens[i] for i in decode], device=query.device)
+        dl = torch.tensor([lens[i] for i in group], device=query.device)
         mask = (pos[None, :] < dl[:, None])[:, None, None, :]  # [n, 1, 1, L]
         q = query[rows].unsqueeze(2)  # [n, h, 1, d]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

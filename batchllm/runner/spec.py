@@ -1,0 +1,322 @@
+"""The job spec: job.yaml parsed (yaml.safe_load) into pydantic v2 models, with `${VAR}` filled in from the
+environment and `--set path.to.key=value` overrides applied.
+
+Every user mistake becomes a `SpecError`: one line per problem, naming the field and what would be valid.
+The CLI prints those lines and exits 2, never a traceback. docs/job-spec.md documents every field.
+"""
+import hashlib
+import json
+import os
+import re
+import string
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RESULT_COLUMNS = ("id", "output", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+class SpecError(Exception):
+    """A mistake in the job spec; str() is one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    source: str = Field(min_length=1)
+    quantization: Literal["none", "fp8", "awq"] = "none"
+    max_model_len: Optional[int] = Field(default=None, ge=16)
+
+
+class InputSpec(_Section):
+    uri: str = Field(min_length=1)
+    format: Literal["auto", "parquet", "jsonl", "openai-batch"] = "auto"
+    id_column: Optional[str] = None
+
+
+class PromptSpec(_Section):
+    system: Optional[str] = None
+    template: Optional[str] = None
+    column: Optional[str] = None
+    messages_column: Optional[str] = None
+    chat: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("template", "column", "messages_column") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of template, column or messages_column")
+        if self.messages_column is not None and not self.chat:
+            raise ValueError("messages_column needs chat: true")
+        return self
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v):
+        if v is not None:
+            template_fields(v)  # raises ValueError on a bad placeholder
+        return v
+
+
+class SamplingSpec(_Section):
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    ignore_eos: bool = False
+
+
+class OutputSpec(_Section):
+    uri: str = Field(min_length=1)
+    format: Optional[Literal["parquet", "jsonl"]] = None  # None: parquet, or jsonl lines for openai-batch
+    columns: list[str] = []
+    rows_per_part: int = Field(default=1000, ge=1)
+    commit_interval_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("columns")
+    @classmethod
+    def _no_clash(cls, v):
+        clash = [c for c in v if c in RESULT_COLUMNS]
+        if clash:
+            raise ValueError(f"{clash[0]!r} clashes with a result column ({', '.join(RESULT_COLUMNS)})")
+        return v
+
+
+class EngineSpec(_Section):
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: Optional[int] = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    block_size: Literal[8, 16, 32, 64, 128] = 16
+    num_kv_blocks: Optional[int] = Field(default=None, ge=2)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    enforce_eager: bool = False
+
+
+class ComputeSpec(_Section):
+    backend: Literal["local"] = "local"
+    workers: int = Field(default=1, ge=1)
+    rows_per_shard: int = Field(default=5000, ge=1)
+    grace_period_s: float = Field(default=25.0, gt=0)
+
+
+class MetricsSpec(_Section):
+    pushgateway: str = Field(pattern=r"^https?://\S+$")
+    interval_s: float = Field(default=15.0, gt=0)
+
+
+class CostSpec(_Section):
+    gpu_hour_usd: float = Field(default=0.0, ge=0.0)
+
+
+class StorageSpec(_Section):
+    endpoint_url: Optional[str] = None
+    options: dict[str, Any] = {}  # passed to the fsspec filesystem (e.g. anon, profile, token)
+
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)
+    model: ModelSpec
+    input: InputSpec
+    prompt: Optional[PromptSpec] = None
+    sampling: SamplingSpec = SamplingSpec()
+    output: OutputSpec
+    engine: EngineSpec = EngineSpec()
+    compute: ComputeSpec = ComputeSpec()
+    metrics: Optional[MetricsSpec] = None
+    cost: CostSpec = CostSpec()
+    storage: StorageSpec = StorageSpec()
+    max_error_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _prompt_vs_format(self):
+        if self.input.format == "openai-batch":
+            if self.prompt is not None:
+                raise ValueError("prompt: not for openai-batch input, whose rows carry their own body; remove it")
+            if self.output.columns:
+                raise ValueError("output.columns: not for openai-batch input; remove it")
+            if self.output.format == "parquet":
+                raise ValueError("output.format: openai-batch input writes OpenAI batch output lines; use jsonl")
+        elif self.input.format in ("parquet", "jsonl") and self.prompt is None:
+            raise ValueError(f"prompt: required for {self.input.format} input (template, column or messages_column)")
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides which rows exist and what each result holds.
+
+        Resubmitting with a different fingerprint to the same output is refused: results would mix.
+        Workers, engine tuning, metrics and cost are left out; they change speed, not results.
+        """
+        keep = {k: getattr(self, k).model_dump() if getattr(self, k) is not None else None
+                for k in ("model", "input", "prompt", "sampling")}
+        keep["output"] = self.output.model_dump(include={"uri", "format", "columns"})
+        keep["rows_per_shard"] = self.compute.rows_per_shard
+        keep["name"] = self.name
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template's `{column}` placeholders use; ValueError for a malformed one."""
+    names = []
+    try:
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None:
+                continue
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if not name or name.isdigit():
+                raise ValueError(f"placeholder {{{field}}} must name a column, e.g. {{text}}")
+            names.append(name)
+    except ValueError as e:
+        raise ValueError(f"{e} (write {{{{ and }}}} for literal braces)") from None
+    return names
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(value, where, env):
+    if isinstance(value, dict):
+        return {k: _substitute(v, f"{where}.{k}" if where else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def fill(m):
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise SpecError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+
+    return _VAR.sub(fill, value)
+
+
+def parse_override(item: str):
+    """'a.b.c=value' -> (['a','b','c'], parsed value); the value is read as YAML (numbers, lists, ...)."""
+    if "=" not in item:
+        raise SpecError(f"--set {item}: expected path.to.key=value")
+    path, raw = item.split("=", 1)
+    keys = [k for k in path.strip().split(".")]
+    if not all(keys):
+        raise SpecError(f"--set {item}: expected path.to.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_override(doc: dict, keys: list, value):
+    node = doc
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        elif not isinstance(child, dict):
+            raise SpecError(f"--set {'.'.join(keys)}: {'.'.join(keys[:i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _valid_keys(loc) -> list[str]:
+    """The field names allowed at a validation-error location (for 'unknown key' messages)."""
+    model = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", None) or (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_error(err) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "list[str]")))]
+    where = ".".join(str(p) for p in loc) or "job"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(err["loc"])
+        return f"{where}: unknown key; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        # model-level validators name their own field
+        if ":" in msg.split(" ")[0]:
+            return msg
+        return f"{where}: {msg}"
+    got = err.get("input")
+    got = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind == "string_pattern_mismatch" and where == "name":
+        msg = "use lowercase letters, digits and '-', starting with a letter or digit"
+    return f"{where}: {msg[0].lower() + msg[1:]}{got}"
+
+
+def spec_from_dict(doc, source="job") -> JobSpec:
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: expected a mapping of fields (name, model, input, ...), got {type(doc).__name__}")
+    try:
+        return JobSpec.model_validate(doc)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            line = _format_error(err)
+            if line not in lines:
+                lines.append(line)
+        raise SpecError("\n".join(f"{source}: {line}" for line in lines)) from None
+
+
+def _absolute(uri: str, base: str) -> str:
+    if "://" in uri or uri.startswith("memory:"):
+        return uri
+    return os.path.abspath(os.path.join(base, os.path.expanduser(uri)))
+
+
+def load_spec(path: str, overrides=(), env=None) -> JobSpec:
+    """Read job.yaml, fill ${VAR} (plus ${JOB_DIR}: the file's folder), apply --set items, validate.
+
+    Relative local paths are taken from the current directory.
+    """
+    env = dict(os.environ if env is None else env)
+    env.setdefault("JOB_DIR", os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the job file: {e.strerror or e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}: {at}invalid YAML: {problem}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping of fields (name, model, input, ...)")
+    doc = _substitute(doc, "", env)
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(doc, keys, _substitute(value, ".".join(keys), env))
+    spec = spec_from_dict(doc, source=path)
+    cwd = os.getcwd()
+    spec.input.uri = _absolute(spec.input.uri, cwd)
+    spec.output.uri = _absolute(spec.output.uri, cwd).rstrip("/")
+    return spec

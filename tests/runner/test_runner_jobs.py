@@ -1,0 +1,193 @@
+"""Jobs through the real engine on the tiny model, on local files: bad rows, error policy, output formats,
+several local workers."""
+import json
+
+from runner_helpers import (by_id, cli, jsonl_bytes, job_doc, openai_rows, parquet_bytes, read_jsonl_dir,
+                            read_table, review_rows, write_job)
+
+
+def _bad_jsonl(path):
+    good = review_rows(16)
+    lines = [json.dumps(r) for r in good[:8]]
+    lines.append('{"review_id": "broken", "text": ')  # malformed JSON
+    lines.append("[1, 2, 3]")  # not an object
+    lines.append(json.dumps({"review_id": "no-text", "stars": 3}))  # missing column
+    lines.append(json.dumps({"review_id": "too-long", "text": "very long review " * 120}))  # > max_model_len
+    lines += [json.dumps(r) for r in good[8:]]
+    path.write_text("\n".join(lines) + "\n")
+    return good
+
+
+def test_bad_rows_end_in_errors_and_the_policy_sets_the_exit_code(tiny_model_dir, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    good = _bad_jsonl(data)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, input={"id_column": "review_id"},
+                                                   engine={"max_num_seqs": 16}))
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 1, r.output + r.stderr  # 4 errors in 20 rows: 0.2 > max_error_ratio 0.1
+    assert "state      failed" in r.output
+
+    results = read_table(str(out / "results"))
+    errors = read_table(str(out / "errors"))
+    assert sorted(x["id"] for x in results) == sorted(g["review_id"] for g in good)
+    got = {(e["row"], e["id"], e["error_type"]) for e in errors}
+    assert got == {(8, None, "malformed_json"), (9, None, "malformed_json"),
+                   (10, "no-text", "missing_column"), (11, "too-long", "prompt_too_long")}
+    assert all(e["message"] for e in errors)
+    too_long = next(e for e in errors if e["id"] == "too-long")
+    assert "max_model_len" in too_long["message"]
+    assert len(results) + len(errors) == 20  # every input row in exactly one of the two
+
+    r = cli("status", str(out))
+    assert r.exit_code == 1 and "16 ok, 4 errors" in r.output
+    # a looser policy: the same finished job now counts as complete, and nothing is rerun
+    r = cli("submit", job, "--no-progress", "--set", "max_error_ratio=0.25")
+    assert r.exit_code == 0 and "already complete" in r.output and "nothing to do" in r.output
+
+
+def test_openai_batch_bad_rows(tiny_model_dir, tmp_path):
+    rows = review_rows(6)
+    lines = [json.dumps(x) for x in openai_rows(rows, max_tokens=3)]
+    bad = openai_rows(review_rows(4, start=100))
+    bad[0]["body"]["temperature"] = -1
+    bad[1]["url"] = "/v1/embeddings"
+    del bad[2]["body"]["messages"]
+    bad[3]["body"]["messages"][1]["content"] = "very long review " * 120
+    lines += [json.dumps(x) for x in bad] + ['{"custom_id": "cut-off", "body": {']
+    data = tmp_path / "batch.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, prompt=None, output={"columns": []},
+                                                   max_error_ratio=0.5, engine={"max_num_seqs": 16}))
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    results = read_jsonl_dir(str(out / "results"))
+    errors = read_jsonl_dir(str(out / "errors"))
+    assert sorted(x["custom_id"] for x in results) == [x["review_id"] for x in rows]
+    codes = {e["custom_id"]: e["error"]["code"] for e in errors}
+    assert codes == {"r0100": "invalid_params", "r0101": "invalid_request", "r0102": "missing_column",
+                     "r0103": "prompt_too_long", None: "malformed_json"}
+    assert all(e["response"] is None and e["error"]["message"] for e in errors)
+    assert all(x["response"]["body"]["usage"]["completion_tokens"] <= 3 for x in results)
+    assert all(x["id"].startswith("batch_req_") for x in results + errors)
+
+
+def test_parquet_to_jsonl_with_raw_and_messages_prompts(tiny_model_dir, tmp_path):
+    rows = review_rows(10)
+    for r in rows:
+        r["conv"] = [{"role": "user", "content": r["text"]}]
+    (tmp_path / "in.parquet").write_bytes(parquet_bytes(rows, row_group_size=3))
+    for name, prompt in (("raw", {"column": "text", "chat": False, "system": "Label:"}),
+                         ("msgs", {"messages_column": "conv", "system": "Label the review."})):
+        out = tmp_path / name
+        doc = job_doc(tiny_model_dir, tmp_path / "in.parquet", out, prompt=prompt, name=name,
+                      output={"format": "jsonl", "columns": ["stars"]}, engine={"max_num_seqs": 16})
+        doc["prompt"] = prompt  # replace, not merge
+        r = cli("submit", write_job(tmp_path / f"{name}.yaml", doc), "--no-progress")
+        assert r.exit_code == 0, r.output + r.stderr
+        got = read_jsonl_dir(str(out / "results"))
+        assert sorted(x["id"] for x in got) == list(range(10))
+        assert {x["id"]: x["stars"] for x in got} == {i: r["stars"] for i, r in enumerate(rows)}
+        assert set(got[0]) == {"id", "stars", "output", "finish_reason", "prompt_tokens", "completion_tokens"}
+
+
+def test_two_local_workers(tiny_model_dir, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(16)))
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, compute={"rows_per_shard": 4,
+                                                                                     "workers": 2}))
+    r = cli("plan", job)
+    assert r.exit_code == 0 and "4 shard(s)" in r.output
+    lines = [line.split() for line in r.output.splitlines() if line[:1].isdigit()]
+    assert [(s[0], s[1]) for s in lines] == [("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")]  # shard, worker
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    results = read_table(str(out / "results"))
+    assert sorted(x["id"] for x in results) == list(range(16))
+    manifest = json.loads((out / "_batchllm" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["num_ok"] == 16
+
+
+def test_spec_errors_found_at_plan_time(tiny_model_dir, tmp_path):
+    (tmp_path / "in.parquet").write_bytes(parquet_bytes(review_rows(4), row_group_size=2))
+    doc = job_doc(tiny_model_dir, tmp_path / "in.parquet", tmp_path / "out", input={"id_column": "sku"})
+    r = cli("submit", write_job(tmp_path / "job.yaml", doc), "--no-progress")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == ("error: input.id_column: column 'sku' is not in the dataset; "
+                                "columns are: review_id, text, stars")
+    r = cli("status", str(tmp_path / "nowhere"))
+    assert r.exit_code == 2 and "no job there" in r.stderr
+
+
+def test_changed_spec_on_same_output_is_refused(tiny_model_dir, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(3)))
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, tmp_path / "out"))
+    assert cli("submit", job, "--no-progress").exit_code == 0
+    r = cli("submit", job, "--no-progress", "--set", "sampling.max_tokens=2")
+    assert r.exit_code == 2 and "already holds job 'test-job' made from a different spec" in r.stderr
+    by = by_id(read_table(str(tmp_path / "out" / "results")))
+    assert sorted(by) == [0, 1, 2]
+
+
+def test_rows_stream_with_bounded_memory(tiny_model_dir, tmp_path, monkeypatch):
+    """The worker holds only the rows the engine has pulled, and at most one part of finished rows."""
+    from batchllm.runner import worker
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(200)))
+    seen = {"pending": 0, "buffered": 0}
+    real = worker._ShardRun.finished
+
+    def spy(self, out):
+        seen["pending"] = max(seen["pending"], len(self.pending))
+        seen["buffered"] = max(seen["buffered"], self.writer.num_pending)
+        return real(self, out)
+
+    monkeypatch.setattr(worker._ShardRun, "finished", spy)
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, tmp_path / "out",
+                                                   sampling={"max_tokens": 1}, compute={"rows_per_shard": 1000},
+                                                   output={"rows_per_part": 16}))
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert len(read_table(str(tmp_path / "out" / "results"))) == 200
+    assert seen["pending"] <= 3 * 4 + 1  # max_num_seqs 4: 2x waiting + running (+ the one being handed over)
+    assert seen["buffered"] < 16
+
+
+def test_crash_between_part_and_checkpoint_leaves_no_duplicates(tiny_model_dir, tmp_path, monkeypatch):
+    """A part file written but never recorded (the worker died in between) is removed on the rerun."""
+    import pytest
+
+    from batchllm.runner import checkpoint
+    from batchllm.runner.spec import load_spec
+    from batchllm.runner.worker import run_worker
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(20)))
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, output={"rows_per_part": 4},
+                                                   compute={"rows_per_shard": 100}))
+    real = checkpoint.ShardCheckpoint.add_part
+    calls = []
+
+    def crash_on_second(self, part, complete=False):
+        calls.append(part["seq"])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash after the data file, before the checkpoint")
+        return real(self, part, complete)
+
+    monkeypatch.setattr(checkpoint.ShardCheckpoint, "add_part", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_worker(load_spec(job))
+    monkeypatch.setattr(checkpoint.ShardCheckpoint, "add_part", real)
+    files = sorted(p.name for p in (out / "results").iterdir())
+    assert files == ["part-00000-00000.parquet", "part-00000-00001.parquet"]  # the second is an orphan
+    assert len(read_table(str(out / "results"))) > 4  # visible while the job is unfinished
+
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    ids = [x["id"] for x in read_table(str(out / "results"))]
+    assert sorted(ids) == list(range(20))  # exactly once
