@@ -46,12 +46,20 @@ class ModelRunner:
             self.model.load_weights(weights)
         self.model.eval()
         self.hf_config = hf_config
-        self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
-        self._allocate_kv_cache()
         backend = "triton" if self.device.type == "cuda" else "torch"
         for layer in self.model.attention_layers():
             layer.backend = make_backend(backend)
         self.sampler = Sampler(self.device, config.seed)
+        self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from batchllm.engine.cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.device, min(config.max_num_seqs, 512), max_blocks,
+                                       max_model_len)
+            self.graphs.capture()
 
     @torch.no_grad()
     def _random_init(self):
@@ -65,10 +73,10 @@ class ModelRunner:
     def _blocks_from_memory(self) -> int:
         per_block = kv_bytes_per_block(self.hf_config, self.block_size, self.dtype)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            peak = self._profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = total * self.config.gpu_memory_utilization - used_by_others - self._activation_reserve()
+            others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
+            budget = total * self.config.gpu_memory_utilization - others - peak - (256 << 20)  # graphs, slack
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         # no more than enough for max_num_seqs full-length sequences
@@ -78,14 +86,51 @@ class ModelRunner:
             raise RuntimeError(f"KV cache: room for only {n} blocks; lower max_model_len or free memory")
         return n
 
-    def _activation_reserve(self) -> int:
-        """Peak activation memory of one full-budget step, measured by a profiling forward on CUDA."""
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak bytes of one full-budget step (weights included): a forward over max_num_batched_tokens tokens
+        with a throwaway KV cache, logits and sampling for max_num_seqs rows."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.token_budget()
+        num_seqs = max(1, min(self.config.max_num_seqs, tokens // 2))
+        per_seq = tokens // num_seqs
+        q_lens = np.full(num_seqs, per_seq, dtype=np.int64)
+        q_lens[-1] += tokens - per_seq * num_seqs
+        blocks = -(-q_lens // self.block_size)
         h = self.hf_config
-        # hidden states, qkv, mlp intermediate and logits of the sampled rows; x4 for temporaries
-        per_token = (h.hidden_size * 4 + h.intermediate_size * 3) * torch.empty((), dtype=self.dtype).element_size()
-        logits = min(tokens, self.config.max_num_seqs) * h.vocab_size * 4 * 2
-        return 4 * tokens * per_token + logits + (512 << 20)
+        kv_heads = getattr(h, "num_key_value_heads", None) or h.num_attention_heads
+        head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
+        cache = torch.empty((int(blocks.sum()), self.block_size, kv_heads, head_dim), dtype=self.dtype,
+                            device=self.device)
+        for layer in self.model.attention_layers():
+            layer.key_cache = layer.value_cache = cache
+        table = np.zeros((num_seqs, int(blocks.max())), dtype=np.int32)
+        starts = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+        for i in range(num_seqs):
+            table[i, : blocks[i]] = np.arange(starts[i], starts[i] + blocks[i])
+        qsl = np.concatenate([[0], np.cumsum(q_lens)])
+        positions = np.arange(tokens) - np.repeat(qsl[:-1], q_lens)
+        row = np.repeat(np.arange(num_seqs), q_lens)
+        slots = table[row, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(q_lens, dtype=torch.int32, device=dev),
+            block_table=torch.tensor(table, device=dev), slot_mapping=torch.tensor(slots, device=dev),
+            max_query_len=int(q_lens.max()), max_seq_len=int(q_lens.max()))
+        ids = torch.randint(0, h.vocab_size, (tokens,), device=dev)
+        hidden = self.model(ids, torch.tensor(positions, device=dev), meta)
+        rows = torch.arange(min(self.config.max_num_seqs, tokens), device=dev)
+        logits = self.model.compute_logits(hidden[rows])
+        logits.sort(dim=-1)  # top-k/top-p sampling sorts the logits
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del cache, hidden, logits, meta
+        for layer in self.model.attention_layers():
+            layer.key_cache = layer.value_cache = None
+        torch.cuda.empty_cache()
+        return peak
 
     def _allocate_kv_cache(self):
         h = self.hf_config
@@ -100,6 +145,24 @@ class ModelRunner:
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 
     # -- one step ------------------------------------------------------------------------------
+    def _graphable(self, out: SchedulerOutput) -> bool:
+        return (len(out.scheduled) <= self.graphs.sizes[-1]
+                and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in out.scheduled))
+
+    def _decode_with_graph(self, out: SchedulerOutput):
+        reqs = [r for r, _ in out.scheduled]
+        n = len(reqs)
+        positions = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
+        input_ids = np.fromiter((r.token_ids[-1] for r in reqs), dtype=np.int64, count=n)
+        width = max(len(r.block_ids) for r in reqs)
+        block_table = np.zeros((n, width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            block_table[i, : len(r.block_ids)] = r.block_ids
+        slot_mapping = block_table[np.arange(n), positions // self.block_size].astype(np.int64) * self.block_size + (
+            positions % self.block_size)
+        hidden = self.graphs.run(input_ids, positions, slot_mapping, positions + 1, block_table)
+        return hidden, torch.arange(n, device=self.device), np.ones(n, dtype=bool)
+
     def _prepare(self, out: SchedulerOutput):
         reqs = [r for r, _ in out.scheduled]
         q_lens = np.fromiter((n for _, n in out.scheduled), dtype=np.int64, count=len(reqs))
@@ -136,8 +199,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
         """-> (one sampled token or None per scheduled request, logprob dict or None per request)."""
-        input_ids, positions, meta, logits_indices, sample = self._prepare(out)
-        hidden = self.model(input_ids, positions, meta)
+        if self.graphs is not None and self._graphable(out):
+            hidden, logits_indices, sample = self._decode_with_graph(out)
+        else:
+            input_ids, positions, meta, logits_indices, sample = self._prepare(out)
+            hidden = self.model(input_ids, positions, meta)
         sampled = [None] * len(out.scheduled)
         logprobs = [None] * len(out.scheduled)
         if len(logits_indices) == 0:

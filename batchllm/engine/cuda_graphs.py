@@ -1,0 +1,76 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, captured from the largest down into one
+memory pool. Inputs live in static device buffers; a replay copies the step's values in, pads the unused
+rows with slot -1 (the cache kernel skips it) and seq_len 1, and returns the hidden states of the real rows.
+"""
+import numpy as np
+import torch
+
+from batchllm.layers.attention import AttentionMetadata
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 256, 16)) + list(range(256, 1025, 64))
+    sizes = [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model, device, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int):
+        self.model = model
+        self.sizes = capture_sizes(max_num_seqs)
+        n = self.sizes[-1]
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, **i32)
+        self.block_table = torch.zeros((n, max_blocks_per_seq), **i32)
+        self.query_start_loc = torch.arange(n + 1, **i32)  # one query token per sequence
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
+            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs],
+            max_query_len=1, max_seq_len=self.max_model_len)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.sizes):
+            args = (self.input_ids[:bs], self.positions[:bs], self._meta(bs))
+            with torch.cuda.stream(stream):  # warm-up: compiles kernels, settles the allocator
+                self.model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                self.outputs[bs] = self.model(*args)
+            pool = g.pool() if pool is None else pool
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        for s in self.sizes:
+            if s >= num_seqs:
+                return s
+        return None
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, seq_lens: np.ndarray,
+            block_table: np.ndarray) -> torch.Tensor:
+        """Replay for n decode rows (all arrays host-side, n = len(input_ids)) -> hidden [n, hidden_size]."""
+        n = len(input_ids)
+        bs = self.padded_size(n)
+        w = block_table.shape[1]
+        self.input_ids[:n].copy_(torch.from_numpy(input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.from_numpy(seq_lens.astype(np.int32)), non_blocking=True)
+        self.block_table[:n, :w].copy_(torch.from_numpy(block_table), non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
