@@ -23,10 +23,14 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens], -1 skipped.
     """
     num_blocks, block_size = key_cache.shape[:2]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+    flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
+    flat_v = value_cache.view(num_blocks * block_size, *value_cache.shape[2:])
+    slots = slot_mapping.long()
+    if slots.numel() and int(slots.min()) < 0:  # padding rows: drop them
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    flat_k.index_copy_(0, slots, key.to(key_cache.dtype))
+    flat_v.index_copy_(0, slots, value.to(value_cache.dtype))
 
 
 def _gather(cache, block_table, num_blocks):
@@ -69,9 +73,13 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
         pos = torch.arange(nb * block_size, device=query.device)
         dl = torch.tensor([lens[i] for i in group], device=query.device)
         mask = (pos[None, :] < dl[:, None])[:, None, None, :]  # [n, 1, 1, L]
-        q = query[rows].unsqueeze(2)  # [n, h, 1, d]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[rows] = o.squeeze(2).to(out.dtype)
+        kvh = k.shape[1]
+        q = query[rows].view(len(group), kvh, num_heads // kvh, head_dim)  # [n, kvh, group, d]
+        # q_len 1: two small batched matmuls beat SDPA's CPU kernels by far here
+        s_ = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [n, kvh, group, L]
+        s_ = s_.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        o = torch.matmul(s_.to(v.dtype), v)  # [n, kvh, group, d]
+        out.index_copy_(0, rows, o.reshape(len(group), num_heads, head_dim).to(out.dtype))
 
     for i in range(num_seqs):
         ql = q_lens[i]

@@ -143,6 +143,7 @@ class LLM:
             raise ValueError("this model has no tokenizer: pass token ids")
 
     def _add(self, req_id, prompt, sp: SamplingParams) -> RequestOutput | None:
+        kind = "invalid_prompt"
         try:
             ids = self._tokenize(prompt)
             if not ids:
@@ -151,10 +152,11 @@ class LLM:
             if max(ids) >= vocab or min(ids) < 0:
                 raise ValueError(f"prompt has a token id outside the vocabulary (0..{vocab - 1})")
             if len(ids) >= self.max_model_len:
+                kind = "prompt_too_long"
                 raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
                                  "(one more is needed to generate)")
         except Exception as e:  # errors are data: the caller gets an output with finish_reason 'error'
-            return RequestOutput(req_id, [], [], "", "error", 0, None, error=str(e), prompt=prompt)
+            return RequestOutput(req_id, [], [], "", "error", 0, None, error=str(e), error_type=kind, prompt=prompt)
         self.scheduler.add_request(Request(req_id, ids, sp))
         self._prompt_tokens += len(ids)
         return None

@@ -69,4 +69,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    error_type: str | None = None  # prompt_too_long | invalid_prompt, with finish_reason 'error'
     prompt: Any = field(default=None, repr=False)

@@ -119,11 +119,3 @@ def sampling_params(base: dict, overrides: dict = None):
         return batchllm.SamplingParams(**values)
     except (ValueError, TypeError) as e:
         raise RowError("invalid_params", str(e)) from None
-
-
-def classify_engine_error(message: str) -> str:
-    """error_type for a RequestOutput with finish_reason 'error'."""
-    m = (message or "").lower()
-    if "max_model_len" in m or "too long" in m or "exceeds" in m:
-        return "prompt_too_long"
-    return "engine_error"

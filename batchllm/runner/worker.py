@@ -23,7 +23,7 @@ from batchllm.runner.manifest import finalize, start_manifest
 from batchllm.runner.metrics import ShardMetrics
 from batchllm.runner.openai_batch import error_line, parse_request, result_line
 from batchllm.runner.plan import ensure_plan, key_schema, worker_shards
-from batchllm.runner.prompts import PromptBuilder, RowError, classify_engine_error, sampling_params
+from batchllm.runner.prompts import PromptBuilder, RowError, sampling_params
 from batchllm.runner.spec import SpecError
 from batchllm.runner.storage import Store
 from batchllm.runner.writer import PartWriter
@@ -244,7 +244,7 @@ class _ShardRun:
             msg = out.error or "the engine could not run this row"
             ident = ctx[2]
             self._error(ordinal, position, None if self.openai else ident, ident if self.openai else None,
-                        classify_engine_error(msg), msg, report=False)
+                        out.error_type or "engine_error", msg, report=False)
             return
         p, c = len(out.prompt_token_ids), len(out.token_ids)
         if self.openai:

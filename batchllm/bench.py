@@ -1,0 +1,519 @@
+"""`batchllm bench`: offline throughput benchmarks of the engine, in the spirit of `vllm bench throughput`.
+
+    batchllm bench throughput --model smollm2-135m --device cpu --baseline hf      # issue 2's CPU figure
+    batchllm bench throughput --model llama3-8b --num-prompts 1000 \\
+        --input-len-range 100 1024 --output-len-range 100 1024 --baseline hf --json out.json --png out.png
+    batchllm bench prefix --model llama3-8b                # 512 x (1000 shared + 100 unique) tokens, 50 out
+
+Prompts are random token ids in [10, vocab - 10), greedy, ignore_eos, so every request makes exactly its
+requested output. `--model` is a path, an alias (smollm2-135m) or a random-weight preset (llama3-8b,
+llama3.2-1b, qwen3-0.6b: weights made on the device, nothing downloaded).
+
+Where the time goes is measured by wrapping the engine at runtime (no engine change): `LLM.step` for the
+step's wall time, `runner.execute` for the model's share, and the scheduled batch to classify the step as
+decode (every scheduled request adds one token to a finished prompt) or prefill/mixed. The same per-step
+record feeds the roofline (bench_roofline.py); the HF baseline is in bench_hf.py.
+"""
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+
+import click
+import numpy as np
+
+
+# -- workload ----------------------------------------------------------------------------------
+def make_workload(vocab: int, num: int, input_len, output_len, seed: int = 0):
+    """input_len/output_len: an int or an (lo, hi) inclusive range. -> (prompts, output lens)."""
+    rng = np.random.default_rng(seed)
+
+    def lens(spec):
+        if isinstance(spec, int):
+            return [spec] * num
+        return rng.integers(spec[0], spec[1] + 1, size=num).tolist()
+
+    in_lens, out_lens = lens(input_len), lens(output_len)
+    prompts = [rng.integers(10, max(vocab - 10, 11), size=n).tolist() for n in in_lens]
+    return prompts, out_lens
+
+
+def make_prefix_workload(vocab: int, num: int, prefix_len: int, unique_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(10, vocab - 10, size=prefix_len).tolist()
+    return [shared + rng.integers(10, vocab - 10, size=unique_len).tolist() for _ in range(num)]
+
+
+# -- timing the engine's steps -------------------------------------------------------------------
+@dataclass
+class StepRecord:
+    decode: bool
+    starts: np.ndarray  # [num_seqs] tokens already computed before this step
+    q_lens: np.ndarray  # [num_seqs] tokens computed in this step
+    num_sampled: int
+    exec_s: float = 0.0
+    step_s: float = 0.0
+
+
+@dataclass
+class StepTimer:
+    """Wraps llm.step, llm.runner.execute and llm.runner._prepare on the instance; `remove()` undoes it."""
+    llm: object
+    profile: bool = False
+    steps: list = field(default_factory=list)
+    prepare_s: float = 0.0
+    peak_kv_usage: float = 0.0
+
+    def __post_init__(self):
+        llm, runner = self.llm, self.llm.runner
+        step, execute, prepare = llm.step, runner.execute, runner._prepare
+
+        def timed_prepare(out):
+            t0 = time.perf_counter()
+            r = prepare(out)
+            self.prepare_s += time.perf_counter() - t0
+            return r
+
+        def timed_execute(out):
+            sched = out.scheduled
+            starts = np.fromiter((r.num_computed_tokens for r, _ in sched), dtype=np.int64, count=len(sched))
+            q = np.fromiter((n for _, n in sched), dtype=np.int64, count=len(sched))
+            ends = np.fromiter((r.num_tokens for r, _ in sched), dtype=np.int64, count=len(sched))
+            prompts = np.fromiter((r.num_prompt_tokens for r, _ in sched), dtype=np.int64, count=len(sched))
+            rec = StepRecord(bool(((q == 1) & (starts >= prompts)).all()), starts, q, int((starts + q == ends).sum()))
+            t0 = time.perf_counter()
+            if self.profile:
+                import torch
+
+                with torch.profiler.record_function("bench.decode" if rec.decode else "bench.prefill"):
+                    r = execute(out)
+            else:
+                r = execute(out)
+            rec.exec_s = time.perf_counter() - t0
+            self.steps.append(rec)
+            return r
+
+        def timed_step():
+            n = len(self.steps)
+            t0 = time.perf_counter()
+            done = step()
+            dt = time.perf_counter() - t0
+            if len(self.steps) > n:
+                self.steps[-1].step_s = dt
+            self.peak_kv_usage = max(self.peak_kv_usage, llm.kv.usage())
+            return done
+
+        llm.step, runner.execute, runner._prepare = timed_step, timed_execute, timed_prepare
+
+    def remove(self):
+        for obj, name in ((self.llm, "step"), (self.llm.runner, "execute"), (self.llm.runner, "_prepare")):
+            obj.__dict__.pop(name, None)
+
+    def split(self) -> dict:
+        dec = [s for s in self.steps if s.decode]
+        pre = [s for s in self.steps if not s.decode]
+        step_s = sum(s.step_s for s in self.steps)
+        exec_s = sum(s.exec_s for s in self.steps)
+        return {
+            "num_steps": len(self.steps),
+            "prefill_steps": len(pre), "decode_steps": len(dec),
+            "prefill_s": sum(s.step_s for s in pre), "decode_s": sum(s.step_s for s in dec),
+            "execute_s": exec_s,  # the model runner: inputs, forward, sampling
+            "prepare_s": self.prepare_s,  # of which: building the step's input tensors on the host
+            "scheduler_s": step_s - exec_s,  # scheduling and bookkeeping around execute
+            "decode_batch_mean": float(np.mean([len(s.q_lens) for s in dec])) if dec else 0.0,
+        }
+
+
+def run_engine(llm, prompts, output_lens, warmup: int = 4, profile: bool = False) -> dict:
+    """Generate `prompts` (token ids) greedily with ignore_eos; -> throughput, step split, engine stats."""
+    from batchllm.engine.sampling import SamplingParams
+
+    if warmup:  # first-call costs (allocator, kernel compiles, graph capture) stay out of the figure
+        wp, wo = make_workload(llm.hf_config.vocab_size, warmup, 16, 4, seed=12345)
+        llm.generate(wp, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in wo])
+    sps = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in output_lens]
+    before = llm.stats()
+    timer = StepTimer(llm, profile=profile)
+    prof = None
+    if profile:
+        prof = _start_profiler(llm.runner.device)
+    try:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+    finally:
+        timer.remove()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    bad = [o for o in outs if o.finish_reason == "error" or len(o.token_ids) != sps[o.request_id].max_tokens]
+    if bad:
+        raise RuntimeError(f"request {bad[0].request_id} did not make its {sps[bad[0].request_id].max_tokens} "
+                           f"tokens: {bad[0].finish_reason} {bad[0].error or ''}")
+    after = llm.stats()
+    d = {k: after[k] - before[k] for k in ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+                                            "prompt_tokens", "generation_tokens")}
+    out_tokens, in_tokens = sum(output_lens), sum(len(p) for p in prompts)
+    res = {
+        "elapsed_s": elapsed,
+        "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + in_tokens) / elapsed,
+        "requests_s": len(prompts) / elapsed,
+        **timer.split(),
+        "peak_kv_usage": timer.peak_kv_usage,
+        "num_kv_blocks": after["num_kv_blocks"],
+        "prefix_cache_queries": d["prefix_cache_queries"],
+        "prefix_cache_hits": d["prefix_cache_hits"],
+        "prefix_hit_rate": d["prefix_cache_hits"] / d["prefix_cache_queries"] if d["prefix_cache_queries"] else 0.0,
+        "num_preemptions": d["num_preemptions"],
+    }
+    res["_steps"] = timer.steps  # for the roofline; dropped before JSON
+    if prof is not None:
+        res["_profile"] = prof
+    return res
+
+
+def _start_profiler(device):
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def profile_table(prof, device_type: str, rows: int = 25) -> str:
+    key = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+# -- building the engine and describing the run ------------------------------------------------
+def build_llm(model: str, **engine_args):
+    """LLM(model, ...) with None args left to the engine; a user mistake becomes one line, exit 2."""
+    from batchllm.engine.llm import LLM
+
+    args = {k: v for k, v in engine_args.items() if v is not None}
+    try:
+        return LLM(model, **args)
+    except ValueError as e:  # bad engine arg, unknown model/preset (store.ModelError is a ValueError)
+        msg = str(e).splitlines()[0]
+        if "not found" in msg:
+            from batchllm.models.presets import preset_names
+
+            msg += f"; or a random-weight preset: {', '.join(preset_names())}"
+        raise click.UsageError(msg) from None
+
+
+def free_llm(llm) -> None:
+    import torch
+
+    llm.__dict__.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def environment(device) -> dict:
+    import torch
+
+    import batchllm
+
+    env = {"date": date.today().isoformat(), "version": batchllm.__version__, "torch": torch.__version__,
+           "device": device.type, "python": platform.python_version()}
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    if device.type == "cuda":
+        env["card"] = torch.cuda.get_device_name(device)
+    else:
+        env["card"] = _cpu_name()
+        env["threads"] = torch.get_num_threads()
+        env["loadavg_1m"] = os.getloadavg()[0]
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _strip_private(d):
+    if isinstance(d, dict):
+        return {k: _strip_private(v) for k, v in d.items() if not k.startswith("_")}
+    return d
+
+
+def write_json(path, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(_strip_private(result), f, indent=2)
+        f.write("\n")
+
+
+# -- the commands --------------------------------------------------------------------------------
+def _engine_options(f):
+    for opt in reversed([
+        click.option("--model", "-m", required=True, help="Path, alias (smollm2-135m) or preset (llama3-8b, ...)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True),
+        click.option("--max-num-seqs", type=int, default=None),
+        click.option("--max-num-batched-tokens", type=int, default=None),
+        click.option("--num-kv-blocks", type=int, default=None),
+        click.option("--max-model-len", type=int, default=None),
+        click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts."),
+        click.option("--warmup", type=int, default=4, show_default=True, help="Warm-up requests, not timed."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _engine_args(device, dtype, max_num_seqs, max_num_batched_tokens, num_kv_blocks, max_model_len, enforce_eager,
+                 **extra):
+    return dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, enforce_eager=enforce_eager or None,
+                **extra)
+
+
+def _len_spec(fixed, rng, name):
+    if fixed is not None:
+        if fixed < 1:
+            raise click.BadParameter("must be >= 1", param_hint=f"--{name}")
+        return fixed
+    lo, hi = rng
+    if not 1 <= lo <= hi:
+        raise click.BadParameter(f"needs 1 <= A <= B, got {lo} {hi}", param_hint=f"--{name}-range")
+    return (lo, hi)
+
+
+@click.group()
+def bench():
+    """Offline benchmarks of the engine: throughput, prefix caching."""
+
+
+@bench.command()
+@_engine_options
+@click.option("--num-prompts", type=int, default=64, show_default=True)
+@click.option("--input-len", type=int, default=None, help="Fixed prompt length (overrides the range).")
+@click.option("--input-len-range", type=(int, int), default=(16, 256), show_default=True)
+@click.option("--output-len", type=int, default=None, help="Fixed output length (overrides the range).")
+@click.option("--output-len-range", type=(int, int), default=(16, 128), show_default=True)
+@click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
+              help="hf: HF transformers generate on a sample of the same prompts, in this process.")
+@click.option("--hf-sample", type=int, default=None, help="Prompts for the baseline [all on CPU, 64 on GPU].")
+@click.option("--hf-batch-size", type=int, default=None, help="Static batch size [16 on CPU, 64 on GPU].")
+@click.option("--roofline/--no-roofline", default=True, show_default=True,
+              help="Measure peak FLOP/s and bandwidth here and estimate the workload's roofline.")
+@click.option("--profile", is_flag=True, help="Print a torch.profiler summary of the engine run.")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, help="Bar chart (matplotlib).")
+def throughput(model, num_prompts, input_len, input_len_range, output_len, output_len_range, seed, warmup, baseline,
+               hf_sample, hf_batch_size, roofline, profile, json_path, png_path, **engine_kw):
+    """Random-token prompts through the engine: output, total and request throughput."""
+    import torch
+
+    if num_prompts < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--num-prompts")
+    in_spec = _len_spec(input_len, input_len_range, "input-len")
+    out_spec = _len_spec(output_len, output_len_range, "output-len")
+    if png_path:
+        write_png(None, None)  # fail now, not after the run, when matplotlib is missing
+    device = torch.device(_resolve_device(engine_kw["device"]))
+    dtype = _resolve_dtype(engine_kw["dtype"], device)
+    peaks = None
+    if roofline:  # before the engine sizes its KV pool from the memory left
+        from batchllm.bench_roofline import measure_peaks
+
+        peaks = measure_peaks(device, dtype)
+    llm = build_llm(model, **_engine_args(**engine_kw))
+    prompts, out_lens = make_workload(llm.hf_config.vocab_size, num_prompts, in_spec, out_spec, seed)
+    result = {
+        "benchmark": "throughput", "command": _command_line(),
+        "model": model, "dtype": str(llm.runner.dtype).replace("torch.", ""),
+        "env": environment(device),
+        "workload": {"num_prompts": num_prompts, "input_len": in_spec, "output_len": out_spec, "seed": seed,
+                     "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(out_lens), "ignore_eos": True,
+                     "temperature": 0.0},
+        "engine_args": {"max_num_seqs": llm.config.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
+                        "num_kv_blocks": llm.runner.num_kv_blocks, "block_size": llm.config.block_size,
+                        "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len},
+    }
+    result["engine"] = eng = run_engine(llm, prompts, out_lens, warmup=warmup, profile=profile)
+    if peaks is not None:
+        from batchllm.bench_roofline import ModelShape
+        from batchllm.bench_roofline import roofline as estimate
+
+        result["roofline"] = estimate(ModelShape.from_llm(llm), eng.pop("_steps"), peaks, eng["elapsed_s"])
+        result["roofline"]["roofline_output_tok_s"] = eng["output_tokens"] / result["roofline"]["roofline_s"]
+    free_llm(llm)
+    del llm
+    if baseline == "hf":
+        from batchllm.bench_hf import load_hf_model, run_hf
+
+        n = min(num_prompts, hf_sample or (num_prompts if device.type == "cpu" else 64))
+        bs = hf_batch_size or (16 if device.type == "cpu" else 64)
+        hf_model = load_hf_model(model, device, dtype)
+        result["hf"] = run_hf(hf_model, prompts[:n], out_lens[:n], bs, device)
+        del hf_model
+        gc.collect()
+        result["speedup_vs_hf"] = eng["output_tok_s"] / result["hf"]["output_tok_s"]
+    print_throughput(result)
+    if "_profile" in eng:
+        click.echo(profile_table(eng.pop("_profile"), device.type))
+    if json_path:
+        write_json(json_path, result)
+    if png_path:
+        write_png(result, png_path)
+
+
+@bench.command()
+@_engine_options
+@click.option("--num-prompts", type=int, default=512, show_default=True)
+@click.option("--prefix-len", type=int, default=1000, show_default=True, help="Shared system-prompt tokens.")
+@click.option("--unique-len", type=int, default=100, show_default=True, help="Unique tokens per request.")
+@click.option("--output-len", type=int, default=50, show_default=True)
+def prefix(model, num_prompts, prefix_len, unique_len, output_len, seed, warmup, json_path, **engine_kw):
+    """A shared-system-prompt workload with prefix caching on, then off (a fresh engine each)."""
+    import torch
+
+    for name, v in (("num-prompts", num_prompts), ("unique-len", unique_len), ("output-len", output_len)):
+        if v < 1:
+            raise click.BadParameter("must be >= 1", param_hint=f"--{name}")
+    device = torch.device(_resolve_device(engine_kw["device"]))
+    result = {"benchmark": "prefix", "command": _command_line(), "model": model, "env": environment(device),
+              "workload": {"num_prompts": num_prompts, "prefix_len": prefix_len, "unique_len": unique_len,
+                           "output_len": output_len, "seed": seed}}
+    prompts = None
+    for caching in (True, False):
+        llm = build_llm(model, **_engine_args(**engine_kw, enable_prefix_caching=caching))
+        if prompts is None:
+            prompts = make_prefix_workload(llm.hf_config.vocab_size, num_prompts, prefix_len, unique_len, seed)
+            result["dtype"] = str(llm.runner.dtype).replace("torch.", "")
+        r = run_engine(llm, prompts, [output_len] * num_prompts, warmup=warmup)
+        r.pop("_steps", None)
+        result["caching_on" if caching else "caching_off"] = r
+        free_llm(llm)
+        del llm
+    result["speedup"] = result["caching_on"]["output_tok_s"] / result["caching_off"]["output_tok_s"]
+    print_prefix(result)
+    if json_path:
+        write_json(json_path, result)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device here (this torch: " + torch.__version__ + ")")
+    return device
+
+
+def _resolve_dtype(dtype: str, device):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _command_line() -> str | None:
+    """The command as typed, when run as `batchllm ...` (not under a test runner)."""
+    if os.path.basename(sys.argv[0]) in ("batchllm", "__main__.py") and len(sys.argv) > 1:
+        return shlex.join(["batchllm", *sys.argv[1:]])
+    return None
+
+
+# -- the report ----------------------------------------------------------------------------------
+def _span(spec) -> str:
+    return str(spec) if isinstance(spec, int) else f"{spec[0]}..{spec[1]}"
+
+
+def print_throughput(r: dict) -> None:
+    env, w, e = r["env"], r["workload"], r["engine"]
+    where = env["card"] + (f", {env['threads']} threads, load {env['loadavg_1m']:.2f}" if "threads" in env else "")
+    echo = click.echo
+    echo(f"model {r['model']} ({r['dtype']}) on {env['device']}: {where}")
+    echo(f"workload: {w['num_prompts']} prompts, input {_span(w['input_len'])} ({w['prompt_tokens']} tokens), "
+         f"output {_span(w['output_len'])} ({w['output_tokens']} tokens), greedy, ignore_eos, seed {w['seed']}")
+    echo(f"{'':22}{'elapsed s':>10}{'out tok/s':>11}{'total tok/s':>13}{'req/s':>8}")
+    echo(f"{'engine':22}{e['elapsed_s']:>10.2f}{e['output_tok_s']:>11.1f}{e['total_tok_s']:>13.1f}"
+         f"{e['requests_s']:>8.2f}")
+    if "hf" in r:
+        h = r["hf"]
+        label = f"hf ({h['num_prompts']} prompts, bs {h['batch_size']})"
+        echo(f"{label:22}{h['elapsed_s']:>10.2f}{h['output_tok_s']:>11.1f}{h['total_tok_s']:>13.1f}"
+             f"{h['requests_s']:>8.2f}")
+        echo(f"engine / hf output tok/s: {r['speedup_vs_hf']:.2f}x  (hf generated {h['generated_tokens']} tokens "
+             f"for {h['output_tokens']} useful)")
+    echo(f"steps: {e['prefill_steps']} prefill/mixed {e['prefill_s']:.2f} s, {e['decode_steps']} decode "
+         f"{e['decode_s']:.2f} s (mean batch {e['decode_batch_mean']:.1f}); model runner {e['execute_s']:.2f} s "
+         f"(inputs {e['prepare_s']:.2f} s), scheduler {e['scheduler_s']:.2f} s")
+    echo(f"KV peak {100 * e['peak_kv_usage']:.1f}% of {e['num_kv_blocks']} blocks, prefix hit "
+         f"{100 * e['prefix_hit_rate']:.1f}%, preemptions {e['num_preemptions']}")
+    if "roofline" in r:
+        f = r["roofline"]
+        echo(f"peaks here: {f['peak_tflops']:.2f} TFLOP/s ({f['matmul_dtype']} {f['matmul_n']}^3 matmul), "
+             f"{f['peak_bw_gbs']:.1f} GB/s (copy)")
+        echo(f"roofline: {f['flops'] / 1e12:.2f} TFLOP, {f['bytes'] / 1e9:.1f} GB over {e['num_steps']} steps -> "
+             f"{f['roofline_s']:.2f} s ({f['roofline_output_tok_s']:.0f} out tok/s); achieved "
+             f"{f['achieved_tflops']:.3f} TFLOP/s, {f['achieved_bw_gbs']:.1f} GB/s; "
+             f"measured/roofline {100 * f['efficiency']:.1f}%")
+
+
+def print_prefix(r: dict) -> None:
+    w, on, off = r["workload"], r["caching_on"], r["caching_off"]
+    click.echo(f"model {r['model']} ({r.get('dtype')}) on {r['env']['device']}: {r['env']['card']}")
+    click.echo(f"workload: {w['num_prompts']} prompts = {w['prefix_len']} shared + {w['unique_len']} unique tokens, "
+               f"{w['output_len']} out")
+    click.echo(f"{'':14}{'elapsed s':>10}{'out tok/s':>11}{'total tok/s':>13}{'hit rate':>10}")
+    for name, x in (("caching on", on), ("caching off", off)):
+        click.echo(f"{name:14}{x['elapsed_s']:>10.2f}{x['output_tok_s']:>11.1f}{x['total_tok_s']:>13.1f}"
+                   f"{100 * x['prefix_hit_rate']:>9.1f}%")
+    click.echo(f"on / off: {r['speedup']:.2f}x")
+
+
+def write_png(r: dict | None, path: str | None) -> None:
+    """A bar chart of output tok/s: engine, HF, roofline. write_png(None, None) only checks matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.UsageError("--png needs matplotlib: pip install 'batchllm[bench]'") from None
+    if r is None:
+        return
+    bars = [("batchllm", r["engine"]["output_tok_s"])]
+    if "hf" in r:
+        bars.append(("HF generate", r["hf"]["output_tok_s"]))
+    if "roofline" in r:
+        bars.append(("roofline", r["roofline"]["roofline_output_tok_s"]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["#2a6fdb", "#999999", "#dddddd"][: len(bars)])
+    for i, (_, v) in enumerate(bars):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{r['model']} on {r['env']['card']} ({r['env']['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,150 @@
+"""The benchmark's hardware side: peaks measured on the card, and a per-step roofline for a workload.
+
+    peaks = measure_peaks(torch.device("cuda"), torch.bfloat16)   # {"peak_tflops", "peak_bw_gbs", ...}
+    shape = ModelShape.from_llm(llm)
+    est = roofline(shape, timer.steps, peaks, elapsed_s)
+
+Peaks: a large matmul in the engine's dtype (8192^3 on CUDA, 2048^3 on the CPU) for FLOP/s, and a large
+device-to-device copy (bytes read + written / time) for bandwidth. Measured in the same process as the
+benchmark, so the estimate is for this card, this clock and this load.
+
+The model of one step: time = max(FLOPs / peak FLOP/s, bytes / peak bandwidth), where
+  FLOPs = 2 * dense params * tokens + 2 * hidden * vocab * sampled rows + attention FLOPs
+          (4 * layers * heads * head_dim per query-key pair, causal: a query at position p sees p + 1 keys)
+  bytes = the weights once (dense + lm_head) + for each sequence its K/V context read and its new K/V written.
+The workload's roofline time is the sum over the engine's actual steps; efficiency = roofline time /
+measured time (1.0 = at the hardware limit). Activations, the embedding gather and the sampler are left out.
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device, iters: int, warmup: int = 2) -> float:
+    """The fastest of `iters` timed calls, in seconds (the least disturbed by other load)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None = None,
+                  copy_bytes: int | None = None) -> dict:
+    """Peak matmul FLOP/s and copy bandwidth on `device`, measured now. Frees what it allocates."""
+    cuda = device.type == "cuda"
+    n = matmul_n or (8192 if cuda else 2048)
+    nbytes = copy_bytes or ((2 << 30) if cuda else (256 << 20))
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    t_mm = _best_time(lambda: torch.matmul(a, b, out=c), device, iters=10 if cuda else 3)
+    del a, b, c
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    t_cp = _best_time(lambda: dst.copy_(src), device, iters=10 if cuda else 3)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "peak_tflops": 2 * n**3 / t_mm / 1e12,
+        "peak_bw_gbs": 2 * nbytes / t_cp / 1e9,
+        "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""), "copy_bytes": nbytes,
+    }
+
+
+@dataclass
+class ModelShape:
+    """What the roofline needs of a model: per-token dense FLOPs, weight bytes, KV bytes, attention size."""
+    dense_params: int  # every weight a token multiplies, except the embedding and the lm_head
+    hidden: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    elt: int  # bytes per weight / KV element
+
+    @classmethod
+    def from_config(cls, cfg, dense_params: int, dtype: torch.dtype) -> "ModelShape":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(dense_params=dense_params, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
+                   layers=cfg.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   elt=torch.empty((), dtype=dtype).element_size())
+
+    @classmethod
+    def from_llm(cls, llm) -> "ModelShape":
+        model = llm.runner.model
+        dense = sum(p.numel() for name, p in model.named_parameters()
+                    if "embed_tokens" not in name and "lm_head" not in name)
+        return cls.from_config(llm.hf_config, dense, llm.runner.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return (self.dense_params + self.hidden * self.vocab) * self.elt  # lm_head read once per step
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.elt
+
+    @property
+    def params(self) -> int:
+        return self.dense_params + self.hidden * self.vocab
+
+
+def step_costs(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sampled: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one step. starts, q_lens: [num_seqs] context already cached, new tokens."""
+    starts = starts.astype(np.float64)
+    q = q_lens.astype(np.float64)
+    tokens = q.sum()
+    pairs = (q * starts + q * (q + 1) / 2).sum()  # causal query-key pairs
+    flops = (2 * shape.dense_params * tokens + 2 * shape.hidden * shape.vocab * num_sampled
+             + 4 * shape.layers * shape.heads * shape.head_dim * pairs)
+    kv_read = (starts + q).sum() * shape.kv_bytes_per_token
+    kv_write = tokens * shape.kv_bytes_per_token
+    return flops, shape.weight_bytes + kv_read + kv_write
+
+
+def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> dict:
+    """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline."""
+    peak_flops = peaks["peak_tflops"] * 1e12
+    peak_bw = peaks["peak_bw_gbs"] * 1e9
+    total_flops = total_bytes = t_roof = t_compute = t_memory = 0.0
+    bound_compute = 0
+    for s in steps:
+        flops, nbytes = step_costs(shape, s.starts, s.q_lens, s.num_sampled)
+        tc, tm = flops / peak_flops, nbytes / peak_bw
+        total_flops += flops
+        total_bytes += nbytes
+        t_roof += max(tc, tm)
+        t_compute += tc
+        t_memory += tm
+        bound_compute += tc >= tm
+    return {
+        **peaks,
+        "params": shape.params,
+        "flops": total_flops,
+        "bytes": total_bytes,
+        "roofline_s": t_roof,
+        "compute_s": t_compute,  # if every step were compute bound
+        "memory_s": t_memory,  # if every step were memory bound
+        "compute_bound_steps": int(bound_compute),
+        "achieved_tflops": total_flops / elapsed_s / 1e12 if elapsed_s > 0 else 0.0,
+        "achieved_bw_gbs": total_bytes / elapsed_s / 1e9 if elapsed_s > 0 else 0.0,
+        "efficiency": t_roof / elapsed_s if elapsed_s > 0 else 0.0,
+    }

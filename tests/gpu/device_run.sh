@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call that checks and times the GPU path; results land in $OUT (the device tool) or ./out/device.
+#   bash tests/gpu/device_run.sh quick   # GPU tests + a small throughput run
+#   bash tests/gpu/device_run.sh full    # + the issue-3 benchmarks (llama3-8b vs HF, qwen3-0.6b, prefix)
+set -uo pipefail
+OUT=${OUT:-out/device}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+phase=${1:-quick}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
+B="python3 -m batchllm.cli bench"
+if [ "$phase" = quick ] || [ "$phase" = full ]; then
+  python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
+fi
+if [ "$phase" = quick ]; then
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 64 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-small.json" 2>&1 | tail -n 25
+fi
+if [ "$phase" = full ] || [ "$phase" = bench ]; then
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | tail -n 25
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --baseline hf --json "$OUT/llama3-8b.json" 2>&1 | tail -n 30
+  $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | tail -n 15
+fi
