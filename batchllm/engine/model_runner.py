@@ -47,6 +47,10 @@ class ModelRunner:
         self.model.eval()
         self.hf_config = hf_config
         backend = "triton" if self.device.type == "cuda" else "torch"
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from batchllm.layers import fused
+
+            fused.enable_compile()
         for layer in self.model.attention_layers():
             layer.backend = make_backend(backend)
         self.sampler = Sampler(self.device, config.seed)
@@ -139,9 +143,11 @@ class ModelRunner:
         head_dim = getattr(h, "head_dim", None) or h.hidden_size // heads
         shape = (self.num_kv_blocks, self.block_size, kv_heads, head_dim)
         self.kv_caches = []
+        # zeros, not empty: attention reads padded slots past a sequence's end with weight 0, and 0 * NaN
+        # from uninitialised memory would be NaN
         for layer in self.model.attention_layers():
-            layer.key_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            layer.value_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 
     # -- one step ------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""RMSNorm, computed in float32 and cast back exactly as HF transformers does (token parity depends on it)."""
+"""RMSNorm with an optional fused residual add; the arithmetic is HF transformers' (see fused.py)."""
 import torch
 from torch import nn
+
+from batchllm.layers import fused
 
 
 class RMSNorm(nn.Module):
@@ -9,8 +11,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [..., hidden] -> normed x; with residual: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)

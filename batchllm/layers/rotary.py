@@ -44,8 +44,3 @@ class RotaryEmbedding(nn.Module):
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim] -> x * cos + rotate_half(x) * sin (HF's layout, same arithmetic)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -7,11 +7,11 @@ names; q/k/v and gate/up are packed into one matmul each at load.
 import torch
 from torch import nn
 
-from batchllm.layers.activation import silu_and_mul
+from batchllm.layers import fused
 from batchllm.layers.attention import AttentionMetadata, PagedAttention
 from batchllm.layers.linear import MergedLinear
 from batchllm.layers.norm import RMSNorm
-from batchllm.layers.rotary import RotaryEmbedding, apply_rotary
+from batchllm.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -40,7 +40,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
-        qk = apply_rotary(qk, *rope)  # q and k heads in one pass
+        qk = fused.rotary(qk, *rope)  # q and k heads in one pass
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
@@ -54,7 +54,7 @@ class MLP(nn.Module):
         self.down_proj = MergedLinear(i, {"down_proj": config.hidden_size}, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(fused.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -65,9 +65,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, x, meta):
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, meta):
+        """x: this layer's input before its residual add; residual: the stream so far (None at layer 0)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Model(nn.Module):
@@ -82,9 +88,10 @@ class Model(nn.Module):
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
