@@ -280,6 +280,8 @@ def _engine_options(f):
         click.option("--max-model-len", type=int, default=None),
         click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU: torch threads (torch.set_num_threads); 1 avoids OpenMP stalls on a busy machine."),
         click.option("--warmup", type=int, default=4, show_default=True, help="Warm-up requests, not timed."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results."),
     ]):
@@ -326,7 +328,7 @@ def bench():
 @click.option("--profile", is_flag=True, help="Print a torch.profiler summary of the engine run.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, help="Bar chart (matplotlib).")
 def throughput(model, num_prompts, input_len, input_len_range, output_len, output_len_range, seed, warmup, baseline,
-               hf_sample, hf_batch_size, roofline, profile, json_path, png_path, **engine_kw):
+               hf_sample, hf_batch_size, roofline, profile, json_path, png_path, threads, **engine_kw):
     """Random-token prompts through the engine: output, total and request throughput."""
     import torch
 
@@ -337,6 +339,8 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
     if png_path:
         write_png(None, None)  # fail now, not after the run, when matplotlib is missing
     device = torch.device(_resolve_device(engine_kw["device"]))
+    if threads:
+        torch.set_num_threads(threads)
     dtype = _resolve_dtype(engine_kw["dtype"], device)
     peaks = None
     if roofline:  # before the engine sizes its KV pool from the memory left
@@ -390,7 +394,7 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
 @click.option("--prefix-len", type=int, default=1000, show_default=True, help="Shared system-prompt tokens.")
 @click.option("--unique-len", type=int, default=100, show_default=True, help="Unique tokens per request.")
 @click.option("--output-len", type=int, default=50, show_default=True)
-def prefix(model, num_prompts, prefix_len, unique_len, output_len, seed, warmup, json_path, **engine_kw):
+def prefix(model, num_prompts, prefix_len, unique_len, output_len, seed, warmup, json_path, threads, **engine_kw):
     """A shared-system-prompt workload with prefix caching on, then off (a fresh engine each)."""
     import torch
 
@@ -398,6 +402,8 @@ def prefix(model, num_prompts, prefix_len, unique_len, output_len, seed, warmup,
         if v < 1:
             raise click.BadParameter("must be >= 1", param_hint=f"--{name}")
     device = torch.device(_resolve_device(engine_kw["device"]))
+    if threads:
+        torch.set_num_threads(threads)
     result = {"benchmark": "prefix", "command": _command_line(), "model": model, "env": environment(device),
               "workload": {"num_prompts": num_prompts, "prefix_len": prefix_len, "unique_len": unique_len,
                            "output_len": output_len, "seed": seed}}

@@ -18,7 +18,8 @@ def inv_freq_and_scaling(config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(config)
     if params["rope_type"] == "default":
         base = params["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
+        exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        return 1.0 / (base**exps), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
@@ -28,8 +29,11 @@ def inv_freq_and_scaling(config, head_dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_positions: int):
         super().__init__()
+        # inv_freq on the CPU (as HF does); the table on the model's device (as HF's forward does)
         inv_freq, scaling = inv_freq_and_scaling(config, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        device = torch.get_default_device()
+        inv_freq = inv_freq.to(device)
+        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
