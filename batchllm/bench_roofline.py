@@ -51,12 +51,12 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None
     b = torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     t_mm = _best_time(lambda: torch.matmul(a, b, out=c), device, iters=10 if cuda else 3)
-    del a, b, c
+    a = b = c = None  # free before the copy buffers
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     src.fill_(1)
     dst = torch.empty_like(src)
     t_cp = _best_time(lambda: dst.copy_(src), device, iters=10 if cuda else 3)
-    del src, dst
+    src = dst = None
     if cuda:
         torch.cuda.empty_cache()
     return {
