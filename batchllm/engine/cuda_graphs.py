@@ -40,6 +40,9 @@ class DecodeGraphs:
     def capture(self) -> None:
         pool = None
         stream = torch.cuda.Stream()
+        # the side stream must see the static buffers and the KV caches that the default stream is still
+        # filling (a 100 GB memset runs for a while): without this wait the warm-up read garbage block ids
+        stream.wait_stream(torch.cuda.current_stream())
         for bs in reversed(self.sizes):
             args = (self.input_ids[:bs], self.positions[:bs], self._meta(bs))
             with torch.cuda.stream(stream):  # warm-up: compiles kernels, settles the allocator

@@ -20,6 +20,12 @@ if [ "$phase" = quick ]; then
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 64 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/qwen3-small.json" 2>&1 | tail -n 25
 fi
+if [ "$phase" = tune ]; then
+  CUDA_LAUNCH_BLOCKING=1 $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 40
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --max-num-seqs 512 --max-num-batched-tokens 16384 --no-roofline \
+    --json "$OUT/llama3-8b-512.json" 2>&1 | tail -n 12
+fi
 if [ "$phase" = full ] || [ "$phase" = bench ]; then
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | tail -n 25
