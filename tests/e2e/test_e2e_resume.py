@@ -143,10 +143,11 @@ def test_grace_period_expiry_abandons_unfinished_rows(tiny_model_dir, tmp_path):
     rows = review_rows(4) + [{"review_id": "bad0"}, {"review_id": "bad1"}] + review_rows(4, start=4)
     data.write_bytes(jsonl_bytes(rows))
     out = tmp_path / "out"
-    # long generations (900 tokens) that cannot finish within the grace period, even on a fast machine
-    sections = dict(SECTIONS, sampling={"max_tokens": 900, "ignore_eos": True, "temperature": 0.0},
-                    compute={"rows_per_shard": 100, "grace_period_s": 2},
-                    model={"max_model_len": 1024}, engine={"max_num_seqs": 4, "num_kv_blocks": 320})
+    # long generations (3000 tokens: 3000 engine steps, over 1 ms each) cannot finish within the 0.5 s grace
+    # period, even on an idle machine
+    sections = dict(SECTIONS, sampling={"max_tokens": 3000, "ignore_eos": True, "temperature": 0.0},
+                    compute={"rows_per_shard": 100, "grace_period_s": 0.5},
+                    model={"max_model_len": 3200}, engine={"max_num_seqs": 4, "num_kv_blocks": 820})
     job = write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, **sections))
     spec = load_spec(job)
     fired = {}
@@ -160,7 +161,7 @@ def test_grace_period_expiry_abandons_unfinished_rows(tiny_model_dir, tmp_path):
     code = run_worker(spec, progress=progress)
     took = time.monotonic() - fired["t"]
     assert code == 75
-    assert 1.0 < took < 2.0 + 1.0, took  # waited for the generating rows, then gave up within grace
+    assert 0.2 < took < 0.5 + 1.0, took  # waited for the generating rows, then gave up within grace
     errors = read_table(str(out / "errors"))
     assert sorted(e["row"] for e in errors) == [4, 5] and _committed(out) == 2
     assert read_table(str(out / "results")) == []  # nothing was finished in time; nothing half-written
