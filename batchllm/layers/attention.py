@@ -19,35 +19,30 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-class _TorchBackend:
-    def __init__(self):
+class _Backend:
+    """Writes the step's K/V into the cache, then attends: the same call for the reference and Triton."""
+
+    def __init__(self, cache_fn, attend_fn, takes_max_lens: bool):
+        self.cache, self.attend, self.takes_max_lens = cache_fn, attend_fn, takes_max_lens
+
+    def __call__(self, q, k, v, key_cache, value_cache, meta, scale, out):
+        self.cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        extra = dict(max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len) if self.takes_max_lens else {}
+        return self.attend(q, key_cache, value_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
+                           scale=scale, out=out, **extra)
+
+
+def make_backend(name: str) -> _Backend:
+    """name: 'torch' (the reference, any device) or 'triton' (CUDA)."""
+    if name == "torch":
         from batchllm.kernels import reference
 
-        self.cache = reference.reshape_and_cache
-        self.attend = reference.paged_attention
-
-    def __call__(self, q, k, v, key_cache, value_cache, meta, scale, out):
-        self.cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        return self.attend(q, key_cache, value_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
-                           scale=scale, out=out)
-
-
-class _TritonBackend:
-    def __init__(self):
+        return _Backend(reference.reshape_and_cache, reference.paged_attention, takes_max_lens=False)
+    if name == "triton":
         from batchllm.kernels import attention, cache
 
-        self.cache = cache.reshape_and_cache
-        self.attend = attention.unified_attention
-
-    def __call__(self, q, k, v, key_cache, value_cache, meta, scale, out):
-        self.cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        return self.attend(q, key_cache, value_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
-                           scale=scale, out=out, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
-
-
-def make_backend(name: str):
-    """name: 'torch' (reference, any device) or 'triton' (CUDA)."""
-    return {"torch": _TorchBackend, "triton": _TritonBackend}[name]()
+        return _Backend(cache.reshape_and_cache, attention.unified_attention, takes_max_lens=True)
+    raise ValueError(f"unknown attention backend {name!r}")
 
 
 class PagedAttention(nn.Module):
