@@ -437,8 +437,10 @@ def _resolve_device(device: str) -> str:
 def _resolve_dtype(dtype: str, device):
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":  # the engine's own rule
+        from batchllm.engine.config import EngineConfig
+
+        return EngineConfig(model="", device=device.type).resolved_dtype()
     return getattr(torch, dtype)
 
 

@@ -24,6 +24,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.key = hash(("batchllm", cache_key))
         self.req_blocks: dict[object, list[KVBlock]] = {}
+        self.num_cached_block: dict[object, int] = {}  # leading blocks of each request already in the cache
         self.inflight: dict[int, int] = {}  # block hash -> running requests that will compute it
         self.req_inflight: dict[object, set[int]] = {}
         self.prefix_cache_queries = 0  # tokens looked up, at each request's first schedule
@@ -81,20 +82,27 @@ class KVCacheManager:
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
+            req.block_ids.extend(b.block_id for b in new_computed_blocks)
             req.num_computed_tokens += len(new_computed_blocks) * self.block_size
         if first:
             self._track_inflight(req, len(blocks))
         n = self.num_blocks_needed(req, num_new_tokens)
-        blocks.extend(self.pool.allocate(n))
-        req.block_ids = [b.block_id for b in blocks]
+        if n:
+            new = self.pool.allocate(n)
+            blocks.extend(new)
+            req.block_ids.extend(b.block_id for b in new)
         if self.enable_caching:
             self._cache_full_blocks(req, blocks, (req.num_computed_tokens + num_new_tokens) // self.block_size)
         return True
 
     def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_full: int) -> None:
+        start = self.num_cached_block.get(req.request_id, 0)
+        if num_full <= start:
+            return
         self._ensure_hashes(req, num_full)
         pending = self.req_inflight.get(req.request_id)
-        for i in range(num_full):
+        self.num_cached_block[req.request_id] = num_full
+        for i in range(start, num_full):
             b = blocks[i]
             if b.block_hash is None:
                 h = req.block_hashes[i]
@@ -132,6 +140,7 @@ class KVCacheManager:
     def free(self, req: Request) -> None:
         """Release req's blocks, tail first so that a request's last blocks are evicted before its first."""
         blocks = self.req_blocks.pop(req.request_id, [])
+        self.num_cached_block.pop(req.request_id, None)
         self.pool.free(reversed(blocks))
         for h in self.req_inflight.pop(req.request_id, ()):
             self._release(h)

@@ -160,10 +160,7 @@ class ModelRunner:
         n = len(reqs)
         positions = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
         input_ids = np.fromiter((r.token_ids[-1] for r in reqs), dtype=np.int64, count=n)
-        width = max(len(r.block_ids) for r in reqs)
-        block_table = np.zeros((n, width), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            block_table[i, : len(r.block_ids)] = r.block_ids
+        block_table = _block_table(reqs)
         slot_mapping = block_table[np.arange(n), positions // self.block_size].astype(np.int64) * self.block_size + (
             positions % self.block_size)
         hidden = self.graphs.run(input_ids, positions, slot_mapping, positions + 1, block_table)
@@ -181,10 +178,7 @@ class ModelRunner:
             itertools.chain.from_iterable(r.token_ids[s : s + n] for r, s, n in zip(reqs, starts, q_lens)),
             dtype=np.int64, count=total)
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
-        max_blocks = max(len(r.block_ids) for r in reqs)
-        block_table = np.zeros((len(reqs), max_blocks), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            block_table[i, : len(r.block_ids)] = r.block_ids
+        block_table = _block_table(reqs)
         row = np.repeat(np.arange(len(reqs)), q_lens)
         slot_mapping = block_table[row, positions // self.block_size].astype(np.int64) * self.block_size + (
             positions % self.block_size)
@@ -224,3 +218,17 @@ class ModelRunner:
             for i, lp in zip(rows, lps):
                 logprobs[i] = lp
         return sampled, logprobs
+
+
+def _block_table(reqs) -> np.ndarray:
+    """[num_seqs, max blocks] int32 from each request's block ids, zero-padded. Each request keeps a numpy
+    copy of its ids, rebuilt only when the list grows (every block_size tokens) or is replaced (preemption)."""
+    width = max(len(r.block_ids) for r in reqs)
+    table = np.zeros((len(reqs), width), dtype=np.int32)
+    for i, r in enumerate(reqs):
+        ids = r.block_ids
+        cached = getattr(r, "_block_np", None)
+        if cached is None or cached[0] is not ids or len(cached[1]) != len(ids):
+            cached = r._block_np = (ids, np.array(ids, dtype=np.int32))
+        table[i, : len(ids)] = cached[1]
+    return table
