@@ -20,6 +20,10 @@ if [ "$phase" = quick ]; then
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 64 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/qwen3-small.json" 2>&1 | tail -n 25
 fi
+if [ "$phase" = llama ]; then
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
+fi
 if [ "$phase" = tune ]; then
   CUDA_LAUNCH_BLOCKING=1 $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 40
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
