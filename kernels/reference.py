@@ -35,7 +35,12 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
 
 def _gather(cache, block_table, num_blocks):
     # cache: [num_blocks_total, block_size, H, D]; block_table: [n, >=num_blocks] -> [n, H, num_blocks*block_size, D]
-    g = cache[block_table[:, :num_blocks].long()]  # [n, num_blocks, block_size, H, D]
+    bt = block_table[:, :num_blocks]
+    n, nb = bt.shape
+    # index_select copies whole blocks (contiguous rows); advanced indexing walks element by element
+    # (entries past a sequence's end may be padding such as -1: clamped, and masked by the caller)
+    idx = bt.reshape(-1).long().clamp(min=0)
+    g = cache.index_select(0, idx).view(n, nb, *cache.shape[1:])  # [n, nb, block_size, H, D]
     n, nb, bs, h, d = g.shape
     return g.reshape(n, nb * bs, h, d).transpose(1, 2)
 
