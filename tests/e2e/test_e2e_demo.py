@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "batchllm.cli", "submit", DEMO, "--no-progress",
                            "--set", f"output.uri={out}"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    if proc.returncode == 2 and "model.source" in proc.stderr:
+    if proc.returncode == 2 and "model.source" in proc.stderr and not os.environ.get("CI"):
         pytest.skip(f"SKIPPED LOUDLY: the demo model could not be fetched: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = read_table(str(out / "results"))
