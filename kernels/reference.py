@@ -45,6 +45,38 @@ def _gather(cache, block_table, num_blocks):
     return g.reshape(n, nb * bs, h, d).transpose(1, 2)
 
 
+def _gather_tokens(cache, block_table, num_blocks):
+    """-> [n, num_blocks * block_size, H, D]: the sequences' blocks, token-major (a view of one copy)."""
+    n = block_table.shape[0]
+    idx = block_table[:, :num_blocks].reshape(-1).long().clamp(min=0)  # padding such as -1 is masked later
+    return cache.index_select(0, idx).view(n, -1, *cache.shape[2:])
+
+
+def _decode_group(q, k, v, mask, scale):
+    """One query token per sequence. q: [n, h, d]; k, v: [n, L, kvh, d]; mask: [n, 1, 1, L] -> [n, h, d].
+
+    Token-major K/V would need a transpose copy per layer (slow on the CPU). For few KV heads, multiplying
+    every query head by every KV head and keeping the matching (diagonal) blocks is several times faster
+    than that copy, for kvh-fold the (tiny) FLOPs.
+    """
+    n, h, d = q.shape
+    L, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if kvh <= 4:
+        s = torch.matmul(q, k.reshape(n, L * kvh, d).transpose(1, 2))  # [n, h, L * kvh]
+        s = s.view(n, kvh, g, L, kvh).diagonal(dim1=1, dim2=4).permute(0, 3, 1, 2)  # [n, kvh, g, L]
+    else:
+        s = torch.matmul(q.view(n, kvh, g, d), k.permute(0, 2, 3, 1))  # [n, kvh, g, L]
+    p = (s.float() * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    if kvh <= 4:
+        o = torch.matmul(p.reshape(n, h, L), v.reshape(n, L, kvh * d))  # [n, h, kvh * d]
+        o = o.view(n, kvh, g, kvh, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [n, kvh, g, d]
+    else:
+        o = torch.matmul(p, v.transpose(1, 2))  # [n, kvh, g, d]
+    return o.reshape(n, h, d)
+
+
 def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale=None, out=None):
     """Causal attention of each sequence's new query rows over its paged K/V; returns out.
 
@@ -66,25 +98,17 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
 
     # Decode rows, sorted by length and batched in groups so that padding to the group's longest stays small.
     decode = sorted((i for i in range(num_seqs) if q_lens[i] == 1), key=lambda i: lens[i])
-    for g in range(0, len(decode), 16):
-        group = decode[g : g + 16]
-        idx = torch.tensor(group, dtype=torch.long, device=query.device)
+    for g in range(0, len(decode), 64):
+        group = decode[g : g + 64]
         rows = torch.tensor([qsl[i] for i in group], dtype=torch.long, device=query.device)
-        max_len = lens[group[-1]]
-        nb = -(-max_len // block_size)
-        bt = block_table[idx]
-        k = _gather(key_cache, bt, nb).to(query.dtype)  # [n, kvh, L, d]
-        v = _gather(value_cache, bt, nb).to(query.dtype)
+        nb = -(-lens[group[-1]] // block_size)
+        bt = block_table[torch.tensor(group, dtype=torch.long, device=query.device)]
         pos = torch.arange(nb * block_size, device=query.device)
         dl = torch.tensor([lens[i] for i in group], device=query.device)
         mask = (pos[None, :] < dl[:, None])[:, None, None, :]  # [n, 1, 1, L]
-        kvh = k.shape[1]
-        q = query[rows].view(len(group), kvh, num_heads // kvh, head_dim)  # [n, kvh, group, d]
-        # q_len 1: two small batched matmuls beat SDPA's CPU kernels by far here
-        s_ = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [n, kvh, group, L]
-        s_ = s_.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        o = torch.matmul(s_.to(v.dtype), v)  # [n, kvh, group, d]
-        out.index_copy_(0, rows, o.reshape(len(group), num_heads, head_dim).to(out.dtype))
+        o = _decode_group(query[rows], _gather_tokens(key_cache, bt, nb), _gather_tokens(value_cache, bt, nb),
+                          mask, scale)
+        out.index_copy_(0, rows, o.to(out.dtype))
 
     for i in range(num_seqs):
         ql = q_lens[i]
