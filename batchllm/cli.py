@@ -35,7 +35,7 @@ class _LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:  # a part not built yet, or a missing extra
-            return click.Command(name, help=f"(unavailable: {e})", callback=lambda: _unavailable(name, e))
+            return click.Command(name, help=f"(unavailable: {e})", callback=lambda err=e: _unavailable(name, err))
 
 
 def _unavailable(name, err):

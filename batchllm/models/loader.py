@@ -14,7 +14,6 @@ Imports torch, transformers and safetensors; ``gguf`` only when a GGUF is read.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
