@@ -68,7 +68,8 @@ def _decode_group(q, k, v, mask, scale):
         s = s.view(n, kvh, g, L, kvh).diagonal(dim1=1, dim2=4).permute(0, 3, 1, 2)  # [n, kvh, g, L]
     else:
         s = torch.matmul(q.view(n, kvh, g, d), k.permute(0, 2, 3, 1))  # [n, kvh, g, L]
-    p = (s.float() * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least (fp64 stays fp64)
+    p = (s.to(acc) * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
     if kvh <= 4:
         o = torch.matmul(p.reshape(n, h, L), v.reshape(n, L, kvh * d))  # [n, h, kvh * d]
         o = o.view(n, kvh, g, kvh, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [n, kvh, g, d]

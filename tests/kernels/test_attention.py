@@ -132,3 +132,26 @@ def test_reference_matches_dense(device):
     out = reference.paged_attention(q, kc, vc, torch.tensor([0, L]), torch.tensor([L]),
                                     torch.arange(nb, dtype=torch.int32)[None])
     torch.testing.assert_close(out, reference.dense_causal_attention(q, k, v))
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 1), (8, 2), (16, 8)])
+def test_reference_mixed_batch_matches_per_sequence_attention(num_heads, num_kv_heads, paged_batch):
+    # Decode rows (grouped, both matmul layouts: kvh <= 4 and > 4) and prefill over a cached prefix,
+    # against attention written out per sequence on contiguous float64 K/V.
+    q_lens, ctx_lens = [1, 1, 5, 1, 9], [40, 3, 20, 17, 0]
+    b = paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, 32, 16, torch.float64, "cpu", seed=11)
+    query, kc, vc, qsl, seq_lens, table = (b[k] for k in ("query", "key_cache", "value_cache", "query_start_loc",
+                                                          "seq_lens", "block_table"))
+    out = reference.paged_attention(query, kc, vc, qsl, seq_lens, table)
+    qsl = qsl.tolist()
+    group = num_heads // num_kv_heads
+    for s, (ql, sl) in enumerate(zip(q_lens, seq_lens.tolist())):
+        blocks = table[s][table[s] >= 0].long()
+        k = kc[blocks].reshape(-1, num_kv_heads, 32)[:sl].repeat_interleave(group, dim=1)
+        v = vc[blocks].reshape(-1, num_kv_heads, 32)[:sl].repeat_interleave(group, dim=1)
+        q = query[qsl[s] : qsl[s + 1]]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * 32**-0.5
+        pos = torch.arange(sl - ql, sl)[:, None]
+        scores = scores.masked_fill(torch.arange(sl)[None, :] > pos, float("-inf"))
+        want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        torch.testing.assert_close(out[qsl[s] : qsl[s + 1]], want)
