@@ -33,22 +33,13 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     flat_v.index_copy_(0, slots, value.to(value_cache.dtype))
 
 
-def _gather(cache, block_table, num_blocks):
-    # cache: [num_blocks_total, block_size, H, D]; block_table: [n, >=num_blocks] -> [n, H, num_blocks*block_size, D]
-    bt = block_table[:, :num_blocks]
-    n, nb = bt.shape
-    # index_select copies whole blocks (contiguous rows); advanced indexing walks element by element
-    # (entries past a sequence's end may be padding such as -1: clamped, and masked by the caller)
-    idx = bt.reshape(-1).long().clamp(min=0)
-    g = cache.index_select(0, idx).view(n, nb, *cache.shape[1:])  # [n, nb, block_size, H, D]
-    n, nb, bs, h, d = g.shape
-    return g.reshape(n, nb * bs, h, d).transpose(1, 2)
-
-
 def _gather_tokens(cache, block_table, num_blocks):
-    """-> [n, num_blocks * block_size, H, D]: the sequences' blocks, token-major (a view of one copy)."""
+    """-> [n, num_blocks * block_size, H, D]: the sequences' blocks, token-major (a view of one copy).
+
+    index_select copies whole blocks; entries past a sequence's end may be padding such as -1 (clamped here,
+    masked by the caller)."""
     n = block_table.shape[0]
-    idx = block_table[:, :num_blocks].reshape(-1).long().clamp(min=0)  # padding such as -1 is masked later
+    idx = block_table[:, :num_blocks].reshape(-1).long().clamp(min=0)
     return cache.index_select(0, idx).view(n, -1, *cache.shape[2:])
 
 
@@ -117,8 +108,9 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
             continue
         sl = lens[i]
         nb = -(-sl // block_size)
-        k = _gather(key_cache, block_table[i : i + 1], nb)[:, :, :sl].to(query.dtype)  # [1, kvh, sl, d]
-        v = _gather(value_cache, block_table[i : i + 1], nb)[:, :, :sl].to(query.dtype)
+        bt = block_table[i : i + 1]
+        k = _gather_tokens(key_cache, bt, nb)[:, :sl].transpose(1, 2).to(query.dtype)  # [1, kvh, sl, d]
+        v = _gather_tokens(value_cache, bt, nb)[:, :sl].transpose(1, 2).to(query.dtype)
         q = query[qsl[i] : qsl[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, h, ql, d]
         ctx = sl - ql
         if ctx == 0:

@@ -116,7 +116,7 @@ class ModelRunner:
         qsl = np.concatenate([[0], np.cumsum(q_lens)])
         positions = np.arange(tokens) - np.repeat(qsl[:-1], q_lens)
         row = np.repeat(np.arange(num_seqs), q_lens)
-        slots = table[row, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        slots = self._slots(table, row, positions)
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
@@ -151,6 +151,11 @@ class ModelRunner:
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 
     # -- one step ------------------------------------------------------------------------------
+    def _slots(self, block_table: np.ndarray, row: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Cache slot of each token: its sequence's (row's) block for the position, times block_size, plus offset."""
+        blocks = block_table[row, positions // self.block_size].astype(np.int64)
+        return blocks * self.block_size + positions % self.block_size
+
     def _graphable(self, out: SchedulerOutput) -> bool:
         return (len(out.scheduled) <= self.graphs.sizes[-1]
                 and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in out.scheduled))
@@ -161,8 +166,7 @@ class ModelRunner:
         positions = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
         input_ids = np.fromiter((r.token_ids[-1] for r in reqs), dtype=np.int64, count=n)
         block_table = _block_table(reqs)
-        slot_mapping = block_table[np.arange(n), positions // self.block_size].astype(np.int64) * self.block_size + (
-            positions % self.block_size)
+        slot_mapping = self._slots(block_table, np.arange(n), positions)
         hidden = self.graphs.run(input_ids, positions, slot_mapping, positions + 1, block_table)
         return hidden, torch.arange(n, device=self.device), np.ones(n, dtype=bool)
 
@@ -180,8 +184,7 @@ class ModelRunner:
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         block_table = _block_table(reqs)
         row = np.repeat(np.arange(len(reqs)), q_lens)
-        slot_mapping = block_table[row, positions // self.block_size].astype(np.int64) * self.block_size + (
-            positions % self.block_size)
+        slot_mapping = self._slots(block_table, row, positions)
         # rows that reach the end of their tokens sample a next token
         sample = seq_lens == np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=len(reqs))
         logits_indices = qsl[1:][sample] - 1
