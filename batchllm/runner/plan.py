@@ -12,7 +12,7 @@ import pyarrow as pa
 from batchllm.runner import dataset
 from batchllm.runner.openai_batch import parse_request
 from batchllm.runner.prompts import PromptBuilder, RowError
-from batchllm.runner.spec import SpecError
+from batchllm.runner.spec import SpecError, format_conflict
 from batchllm.runner.writer import schema_from_b64, schema_to_b64
 
 PLAN = "_batchllm/plan.json"
@@ -75,18 +75,10 @@ def _prompt_chars(spec, fmt, sample) -> float:
 def make_plan(spec) -> dict:
     fs, paths = dataset.discover(spec.input, spec.storage)
     fmt = dataset.detect_format(fs, paths, spec.input.format)
-    if fmt == "openai-batch":
-        if spec.prompt is not None:
-            raise SpecError("prompt: the input is an OpenAI batch file, whose rows carry their own body; remove prompt")
-        if spec.output.columns:
-            raise SpecError("output.columns: not for OpenAI batch input; remove it")
-        if spec.output.format == "parquet":
-            raise SpecError("output.format: OpenAI batch input writes OpenAI batch output lines; use jsonl")
-        out_fmt = "jsonl"
-    else:
-        if spec.prompt is None:
-            raise SpecError(f"prompt: required for {fmt} input (set template, column or messages_column)")
-        out_fmt = spec.output.format or "parquet"
+    problem = format_conflict(spec, fmt)
+    if problem:
+        raise SpecError(problem)
+    out_fmt = "jsonl" if fmt == "openai-batch" else (spec.output.format or "parquet")
     shards, parquet_schema = dataset.make_shards(fs, paths, fmt, spec.compute.rows_per_shard)
     sample = dataset.sample_rows(fs, shards, fmt)
     key_schema = _key_schema(spec, fmt, parquet_schema, sample)

@@ -17,6 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 RESULT_COLUMNS = ("id", "output", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
+def format_conflict(spec, fmt: str) -> str | None:
+    """What in `spec` does not fit input format `fmt` (declared, or detected when format is auto), or None."""
+    if fmt == "openai-batch":
+        if spec.prompt is not None:
+            return "prompt: not for openai-batch input, whose rows carry their own body; remove it"
+        if spec.output.columns:
+            return "output.columns: not for openai-batch input; remove it"
+        if spec.output.format == "parquet":
+            return "output.format: openai-batch input writes OpenAI batch output lines; use jsonl"
+    elif spec.prompt is None:
+        return f"prompt: required for {fmt} input (template, column or messages_column)"
+    return None
+
+
 class SpecError(Exception):
     """A mistake in the job spec; str() is one line per problem."""
 
@@ -137,15 +151,10 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _prompt_vs_format(self):
-        if self.input.format == "openai-batch":
-            if self.prompt is not None:
-                raise ValueError("prompt: not for openai-batch input, whose rows carry their own body; remove it")
-            if self.output.columns:
-                raise ValueError("output.columns: not for openai-batch input; remove it")
-            if self.output.format == "parquet":
-                raise ValueError("output.format: openai-batch input writes OpenAI batch output lines; use jsonl")
-        elif self.input.format in ("parquet", "jsonl") and self.prompt is None:
-            raise ValueError(f"prompt: required for {self.input.format} input (template, column or messages_column)")
+        if self.input.format != "auto":
+            problem = format_conflict(self, self.input.format)
+            if problem:
+                raise ValueError(problem)
         return self
 
     def fingerprint(self) -> str:
