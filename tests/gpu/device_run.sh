@@ -2,6 +2,7 @@
 # One device call that checks and times the GPU path; results land in $OUT (the device tool) or ./out/device.
 #   bash tests/gpu/device_run.sh quick   # GPU tests + a small throughput run
 #   bash tests/gpu/device_run.sh full    # + the issue-3 benchmarks (llama3-8b vs HF, qwen3-0.6b, prefix)
+#   bash tests/gpu/device_run.sh profile # a torch.profiler kernel table of a llama3-8b run
 set -uo pipefail
 OUT=${OUT:-out/device}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -29,6 +30,10 @@ if [ "$phase" = tune ]; then
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --max-num-seqs 512 --max-num-batched-tokens 16384 --no-roofline \
     --json "$OUT/llama3-8b-512.json" 2>&1 | tail -n 12
+fi
+if [ "$phase" = profile ]; then  # where a mixed (prefill + decode) step's time goes, kernel by kernel
+  $B throughput --model llama3-8b --device cuda --num-prompts 400 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --no-roofline --profile --json "$OUT/llama3-8b-profile.json" 2>&1 | tail -n 45
 fi
 if [ "$phase" = full ] || [ "$phase" = bench ]; then
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
