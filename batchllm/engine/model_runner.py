@@ -45,8 +45,10 @@ class ModelRunner:
         else:
             self.model.load_weights(weights)
         self.model.eval()
+        if self.device.type == "cpu":
+            self.model.pack_for_cpu()
         self.hf_config = hf_config
-        backend = "triton" if self.device.type == "cuda" else "torch"
+        backend = {"cuda": "triton", "cpu": "cpu"}.get(self.device.type, "torch")
         if self.device.type == "cuda" and not config.enforce_eager:
             from batchllm.layers import fused
 

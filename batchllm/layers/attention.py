@@ -1,7 +1,8 @@
 """Paged attention layer: writes this step's K/V into the paged cache, then attends through block tables.
 
-The backend is picked once per engine: Triton kernels on CUDA (batchllm.kernels.attention/cache), the
-pure-torch reference (batchllm.kernels.reference) elsewhere. Both take the same AttentionMetadata.
+The backend is picked once per engine: Triton kernels on CUDA (batchllm.kernels.attention/cache), the C kernel
+on the CPU (batchllm.kernels.cpu, which falls back to the reference where it cannot be built), or the pure-torch
+reference (batchllm.kernels.reference). All take the same AttentionMetadata.
 """
 from dataclasses import dataclass
 
@@ -33,11 +34,12 @@ class _Backend:
 
 
 def make_backend(name: str) -> _Backend:
-    """name: 'torch' (the reference, any device) or 'triton' (CUDA)."""
-    if name == "torch":
-        from batchllm.kernels import reference
+    """name: 'torch' (the reference, any device), 'cpu' (the C kernel) or 'triton' (CUDA)."""
+    if name in ("torch", "cpu"):
+        from batchllm.kernels import cpu, reference
 
-        return _Backend(reference.reshape_and_cache, reference.paged_attention, takes_max_lens=False)
+        attend = cpu.paged_attention if name == "cpu" else reference.paged_attention
+        return _Backend(reference.reshape_and_cache, attend, takes_max_lens=False)
     if name == "triton":
         from batchllm.kernels import attention, cache
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from batchllm.layers import fused
 from batchllm.layers.attention import AttentionMetadata, PagedAttention
-from batchllm.layers.linear import MergedLinear
+from batchllm.layers.linear import MergedLinear, can_pack, pack_weight, packed_linear
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.rotary import RotaryEmbedding
 
@@ -107,6 +107,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logits_weight = None  # the lm_head weight in oneDNN's layout, after pack_for_cpu()
 
     def forward(self, input_ids, positions, meta: AttentionMetadata):
         """input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]."""
@@ -114,8 +115,22 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden_size] -> logits [n, vocab] in float32."""
+        if self.logits_weight is not None:
+            return packed_linear(hidden, self.logits_weight).float()
         w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
         return torch.nn.functional.linear(hidden, w).float()
+
+    def pack_for_cpu(self) -> None:
+        """Reorder every matmul weight for the CPU (layers/linear.py), after loading. A tied lm_head gets a
+        packed copy (the embedding lookup keeps the original); an untied one is replaced."""
+        for m in self.modules():
+            if isinstance(m, MergedLinear):
+                m.pack()
+        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
+        if self.logits_weight is None and can_pack(w):
+            self.logits_weight = pack_weight(w.data)
+            if not self.tie:
+                self.lm_head.weight = None
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
