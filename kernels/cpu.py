@@ -1,10 +1,13 @@
-"""The CPU attention kernel (cpu_attention.c): built once with the system C compiler, loaded with ctypes.
+"""The CPU kernels (cpu_attention.c, cpu_ops.c): built once with the system C compiler, loaded with ctypes.
 
-`paged_attention` has the arguments and result of `reference.paged_attention`. It runs the C kernel for
-float32 and bfloat16 and falls back to the reference for other dtypes, or when no compiler is found (one
-warning). The build is cached under $BATCHLLM_HOME/kernels (default ~/.cache/batchllm/kernels), keyed by
-the source, the compiler and this CPU's flags; `-march=native` makes it this machine's code. BATCHLLM_CPU_KERNELS=0
-turns the kernel off.
+`paged_attention` and `reshape_and_cache` have the arguments and results of their reference.py versions; they
+run C for float32 and bfloat16 and fall back to the reference otherwise, or when no compiler is found (one
+warning). `rms_norm` (with or without the residual add) and `rotary` are the C versions of layers/fused.py's ops,
+for tensors that `fits()`; layers/fused.py picks between them and torch.
+
+The build is cached under $BATCHLLM_HOME/kernels (default ~/.cache/batchllm/kernels), keyed by the sources,
+the compiler and this CPU's flags; `-march=native` makes it this machine's code. BATCHLLM_CPU_KERNELS=0 turns
+the kernels off.
 """
 import ctypes
 import hashlib
@@ -20,7 +23,8 @@ import torch
 
 from batchllm.kernels import reference
 
-_SOURCE = Path(__file__).with_name("cpu_attention.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ops.c")]
+_HEADERS = [Path(__file__).with_name("cpu_common.h")]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lib = None  # ctypes.CDLL, False once building failed
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -47,14 +51,16 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, *flags, _cpu_flags()]).encode()).hexdigest()
-    target = _cache_dir() / f"cpu_attention-{key[:16]}.so"
+    texts = [p.read_text() for p in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, cc, version, *flags, _cpu_flags()]).encode()).hexdigest()
+    target = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        res = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", str(out), "-lm"], capture_output=True,
+                             text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: concurrent workers see the whole file or none
@@ -73,6 +79,11 @@ def load():
             lib.paged_attention.restype = _i32
             lib.paged_attention.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64,
                                             _i32, _i32, _i32, _i32, _i32, ctypes.c_float, _i32, _ptr]
+            lib.rms_norm.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, ctypes.c_float, _i32]
+            lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+            lib.reshape_and_cache.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+            for fn in (lib.rms_norm, lib.rotary, lib.reshape_and_cache):
+                fn.restype = None
             _lib = lib
         except (OSError, RuntimeError) as e:
             warnings.warn(f"CPU attention kernel unavailable ({e}); using the pure-torch reference (slower)")
@@ -86,7 +97,7 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
     dtype = _DTYPES.get(query.dtype)
     num_tokens, num_heads, head_dim = query.shape
     if (lib is None or dtype is None or key_cache.dtype != query.dtype or query.device.type != "cpu"
-            or head_dim > 256 or num_heads // key_cache.shape[2] > 16
+            or head_dim > 256
             or query.stride(2) != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
         return reference.paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table,
                                          scale=scale, out=out)
@@ -104,3 +115,42 @@ def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, bl
         raise RuntimeError(f"CPU attention kernel failed ({rc}): heads {num_heads}/{key_cache.shape[2]}, "
                            f"head_dim {head_dim}")
     return out
+
+
+def fits(*tensors) -> bool:
+    """Whether the C ops take these tensors: CPU, one dtype (float32 or bfloat16), last dim contiguous."""
+    t0 = tensors[0]
+    return (load() is not None and t0.dtype in _DTYPES and all(
+        t.device.type == "cpu" and t.dtype == t0.dtype and t.stride(-1) == 1 for t in tensors))
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """x, residual: [rows, hidden] (row-strided) -> out, or (out, x + residual) with a residual."""
+    rows, hidden = x.shape
+    out = torch.empty((rows, hidden), dtype=x.dtype)
+    res_out = None if residual is None else torch.empty_like(out)
+    _lib.rms_norm(x.data_ptr(), x.stride(0), 0 if residual is None else residual.data_ptr(),
+                  0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(),
+                  0 if res_out is None else res_out.data_ptr(), rows, hidden, eps, _DTYPES[x.dtype])
+    return out if residual is None else (out, res_out)
+
+
+def rotary(x, cos, sin):
+    """x: [rows, heads, head_dim] (heads contiguous in a row); cos, sin: [rows, 1, head_dim] contiguous."""
+    rows, heads, d = x.shape
+    out = torch.empty((rows, heads, d), dtype=x.dtype)
+    _lib.rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), rows, heads, d,
+                _DTYPES[x.dtype])
+    return out
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
+    """As reference.reshape_and_cache: key, value [tokens, kv_heads, head_dim] into the caches' slots, -1 skipped."""
+    if not (fits(key, value, key_cache, value_cache) and key.stride(1) == key.shape[2] == value.stride(1)
+            and key_cache.is_contiguous() and value_cache.is_contiguous() and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()):
+        return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    tokens, kv_heads, d = key.shape
+    _lib.reshape_and_cache(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), key_cache.data_ptr(),
+                           value_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads, d,
+                           _DTYPES[key.dtype])

@@ -46,7 +46,10 @@ class ModelRunner:
             self.model.load_weights(weights)
         self.model.eval()
         if self.device.type == "cpu":
+            from batchllm.layers import fused
+
             self.model.pack_for_cpu()
+            fused.enable_cpu_kernels()
         self.hf_config = hf_config
         backend = {"cuda": "triton", "cpu": "cpu"}.get(self.device.type, "torch")
         if self.device.type == "cuda" and not config.enforce_eager:

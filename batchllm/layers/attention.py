@@ -38,8 +38,9 @@ def make_backend(name: str) -> _Backend:
     if name in ("torch", "cpu"):
         from batchllm.kernels import cpu, reference
 
-        attend = cpu.paged_attention if name == "cpu" else reference.paged_attention
-        return _Backend(reference.reshape_and_cache, attend, takes_max_lens=False)
+        if name == "cpu":
+            return _Backend(cpu.reshape_and_cache, cpu.paged_attention, takes_max_lens=False)
+        return _Backend(reference.reshape_and_cache, reference.paged_attention, takes_max_lens=False)
     if name == "triton":
         from batchllm.kernels import attention, cache
 

@@ -1,8 +1,8 @@
-"""Elementwise pieces of a decoder layer, written once in plain torch and fused by torch.compile on CUDA.
-
-Eager (the CPU path) keeps HF transformers' exact arithmetic, which token parity relies on. On CUDA each
-function becomes one generated Triton kernel instead of 5-10 small launches: at small models a decode step
-is launch-bound (about 40 launches per layer before fusion).
+"""Elementwise pieces of a decoder layer, written once in plain torch (HF transformers' arithmetic), and
+fused per device: by torch.compile on CUDA, where each function becomes one generated Triton kernel instead of
+5-10 small launches (a decode step of a small model is launch-bound), and by C kernels on the CPU
+(kernels/cpu_ops.c: RMSNorm and rotary, the same arithmetic in one pass; at a prefill chunk's size RMSNorm runs
+~13x faster than its 9 eager ops). SiLU-mul stays eager on the CPU: two ops, and torch's vector exp is as fast.
 """
 import torch
 
@@ -44,3 +44,30 @@ def enable_compile() -> None:
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
     rms_norm, add_rms_norm, silu_and_mul, rotary = c(_rms_norm), c(_add_rms_norm), c(_silu_and_mul), c(_rotary)
+
+
+def enable_cpu_kernels() -> None:
+    """Swap in the C versions (kernels/cpu.py) where they take the tensors; torch elsewhere."""
+    global rms_norm, add_rms_norm, rotary
+    from batchllm.kernels import cpu
+
+    if rms_norm is not _rms_norm or cpu.load() is None:
+        return
+
+    def rms_norm_c(x, weight, eps):
+        if x.dim() == 2 and x.shape[1] <= 16384 and cpu.fits(x, weight):
+            return cpu.rms_norm(x, weight, eps)
+        return _rms_norm(x, weight, eps)
+
+    def add_rms_norm_c(x, residual, weight, eps):
+        if x.dim() == 2 and x.shape == residual.shape and x.shape[1] <= 16384 and cpu.fits(x, residual, weight):
+            return cpu.rms_norm(x, weight, eps, residual)
+        return _add_rms_norm(x, residual, weight, eps)
+
+    def rotary_c(x, cos, sin):
+        if (x.dim() == 3 and x.stride(1) == x.shape[2] and cos.is_contiguous() and sin.is_contiguous()
+                and cos.shape == sin.shape == (x.shape[0], 1, x.shape[2]) and cpu.fits(x, cos, sin)):
+            return cpu.rotary(x, cos, sin)
+        return _rotary(x, cos, sin)
+
+    rms_norm, add_rms_norm, rotary = rms_norm_c, add_rms_norm_c, rotary_c
