@@ -1,9 +1,12 @@
 """The CPU kernels (cpu_attention.c, cpu_ops.c): built once with the system C compiler, loaded with ctypes.
 
-`paged_attention` and `reshape_and_cache` have the arguments and results of their reference.py versions; they
-run C for float32 and bfloat16 and fall back to the reference otherwise, or when no compiler is found (one
-warning). `rms_norm` (with or without the residual add) and `rotary` are the C versions of layers/fused.py's ops,
-for tensors that `fits()`; layers/fused.py picks between them and torch.
+`paged_attention` and `reshape_and_cache` have the arguments and results of their reference.py versions, for
+float32 and bfloat16 (`supports`), except for the key cache's layout: [num_blocks, num_kv_heads, head_dim,
+block_size] (`key_cache_shape`), K transposed within a block, so that the attention kernel computes a block's
+scores with plain vector multiply-adds (cpu_attention.c). The value cache keeps the reference's layout.
+`rms_norm` (with or without the residual add) and `rotary` are the C versions of layers/fused.py's ops, for
+tensors that `fits()`; layers/fused.py picks between them and torch. Without a C compiler (one warning), the
+engine runs the pure-torch reference instead (layers/attention.py).
 
 The build is cached under $BATCHLLM_HOME/kernels (default ~/.cache/batchllm/kernels), keyed by the sources,
 the compiler and this CPU's flags; `-march=native` makes it this machine's code. BATCHLLM_CPU_KERNELS=0 turns
@@ -81,38 +84,54 @@ def load():
                                             _i32, _i32, _i32, _i32, _i32, ctypes.c_float, _i32, _ptr]
             lib.rms_norm.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, ctypes.c_float, _i32]
             lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
-            lib.reshape_and_cache.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+            lib.reshape_and_cache.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32,
+                                              _i32]
             for fn in (lib.rms_norm, lib.rotary, lib.reshape_and_cache):
                 fn.restype = None
             _lib = lib
         except (OSError, RuntimeError) as e:
-            warnings.warn(f"CPU attention kernel unavailable ({e}); using the pure-torch reference (slower)")
+            warnings.warn(f"CPU kernels unavailable ({e}); using the pure-torch reference (slower)")
             _lib = False
     return _lib or None
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the C attention and cache write run this dtype (on this machine)."""
+    return dtype in _DTYPES and load() is not None
+
+
+def key_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+    return (num_blocks, num_kv_heads, head_dim, block_size)
+
+
+def _check_caches(key_cache, value_cache, dtype):
+    nb, bs, kvh, d = value_cache.shape
+    if (not supports(dtype) or key_cache.dtype != dtype or value_cache.dtype != dtype
+            or tuple(key_cache.shape) != key_cache_shape(nb, bs, kvh, d) or d > 256
+            or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
+        raise ValueError(f"CPU kernels take contiguous float32/bfloat16 caches, K as {key_cache_shape(nb, bs, kvh, d)}"
+                         f"; got K {tuple(key_cache.shape)} {key_cache.dtype}, V {tuple(value_cache.shape)}")
+
+
 def paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale=None, out=None):
-    """Causal paged attention of each sequence's new query rows (see reference.paged_attention)."""
-    lib = load()
-    dtype = _DTYPES.get(query.dtype)
+    """Causal paged attention of each sequence's new query rows (see reference.paged_attention); K in this
+    module's layout."""
+    _check_caches(key_cache, value_cache, query.dtype)
     num_tokens, num_heads, head_dim = query.shape
-    if (lib is None or dtype is None or key_cache.dtype != query.dtype or query.device.type != "cpu"
-            or head_dim > 256
-            or query.stride(2) != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous())):
-        return reference.paged_attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table,
-                                         scale=scale, out=out)
+    if query.stride(2) != 1:
+        query = query.contiguous()
     scale = head_dim**-0.5 if scale is None else scale
     if out is None or not out.is_contiguous():
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype)
     qsl = query_start_loc.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     table = block_table.to(torch.int32).contiguous()
-    rc = lib.paged_attention(query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(),
-                             value_cache.data_ptr(), qsl.data_ptr(), lens.data_ptr(), table.data_ptr(),
-                             table.stride(0), lens.numel(), num_heads, key_cache.shape[2], head_dim,
-                             key_cache.shape[1], scale, dtype, out.data_ptr())
+    rc = _lib.paged_attention(query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(),
+                              value_cache.data_ptr(), qsl.data_ptr(), lens.data_ptr(), table.data_ptr(),
+                              table.stride(0), lens.numel(), num_heads, value_cache.shape[2], head_dim,
+                              value_cache.shape[1], scale, _DTYPES[query.dtype], out.data_ptr())
     if rc != 0:
-        raise RuntimeError(f"CPU attention kernel failed ({rc}): heads {num_heads}/{key_cache.shape[2]}, "
+        raise RuntimeError(f"CPU attention kernel failed ({rc}): heads {num_heads}/{value_cache.shape[2]}, "
                            f"head_dim {head_dim}")
     return out
 
@@ -145,12 +164,15 @@ def rotary(x, cos, sin):
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
-    """As reference.reshape_and_cache: key, value [tokens, kv_heads, head_dim] into the caches' slots, -1 skipped."""
-    if not (fits(key, value, key_cache, value_cache) and key.stride(1) == key.shape[2] == value.stride(1)
-            and key_cache.is_contiguous() and value_cache.is_contiguous() and slot_mapping.dtype == torch.int64
-            and slot_mapping.is_contiguous()):
-        return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    """As reference.reshape_and_cache, K in this module's layout: key, value [tokens, kv_heads, head_dim] into the
+    caches' slots, -1 skipped."""
+    _check_caches(key_cache, value_cache, key.dtype)
+    if key.stride(-1) != 1 or key.stride(1) != key.shape[2]:
+        key = key.contiguous()
+    if value.stride(-1) != 1 or value.stride(1) != value.shape[2]:
+        value = value.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
     tokens, kv_heads, d = key.shape
     _lib.reshape_and_cache(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), key_cache.data_ptr(),
-                           value_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads, d,
+                           value_cache.data_ptr(), slots.data_ptr(), tokens, kv_heads, d, value_cache.shape[1],
                            _DTYPES[key.dtype])

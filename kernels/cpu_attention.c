@@ -1,17 +1,20 @@
 /* Unified paged attention for the CPU: one call per layer serves a mixed batch of prefill chunks and decode
  * rows, reading K/V in place through the block table (no gather copy), like kernels/attention.py on CUDA.
  *
- * Layout and names as in kernels/reference.py:
+ * Names as in kernels/reference.py; the key cache's layout is the CPU's own (cpu.py allocates it):
  *   query [num_tokens, num_heads, head_dim] (row and head strides given), out [num_tokens, num_heads, head_dim]
- *   key_cache, value_cache [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+ *   key_cache   [num_blocks, num_kv_heads, head_dim, block_size]: K transposed within a block, contiguous
+ *   value_cache [num_blocks, block_size, num_kv_heads, head_dim] (the reference's layout), contiguous
  *   query_start_loc [num_seqs + 1], seq_lens [num_seqs], block_table [num_seqs, bt_stride]: int32
  * Query row i of sequence s sits at position seq_len - query_len + i and attends to cache positions 0..that one.
  *
- * A task is a tile of up to TILE query rows of one sequence and a range of KV heads; each K/V row load serves the
+ * With K transposed, a block's scores for a query row are head_dim broadcast multiply-adds of 16-position vectors
+ * (no horizontal sums), four query rows at a time; V rows are summed with the softmax weights as 16-wide vectors.
+ * A task is a tile of up to TILE query rows of one sequence and a range of KV heads; each K/V load serves the
  * g = num_heads / num_kv_heads query heads that share it (GQA). A decode row (a tile of one) takes all KV heads in
- * one task, so that it streams whole cache slots (all heads of a position are adjacent) and prefetches the next
- * block: decode attention is bound by memory, not arithmetic. A prefill tile takes one KV head (more tasks to
- * share out). Softmax is exact (two passes over a score buffer), in fp32.
+ * one task, so that it streams whole blocks (contiguous in both caches) and prefetches the next: decode attention
+ * is bound by memory. A prefill tile takes one KV head (more tasks to share out). Softmax is exact (two passes over
+ * a score buffer), in fp32.
  * dtype: 0 = float32, 1 = bfloat16 (query, caches and out alike). Built by kernels/cpu.py.
  */
 #include <math.h>
@@ -28,22 +31,22 @@
 /* 16 floats; aligned(4) so that any float pointer may be loaded as one */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-static inline float hsum16(v16 v) {
-  v16 t = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  t = t + __builtin_shufflevector(t, t, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  t = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return t[0] + t[1];
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* 16 consecutive values as floats */
+static inline v16 load16(const void *base, int64_t offset, int dtype) {
+  if (dtype == 1) {
+    const u32x16 u = __builtin_convertvector(*(const u16x16 *)((const uint16_t *)base + offset), u32x16) << 16;
+    v16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  return *(const v16 *)((const float *)base + offset);
 }
 
-static inline float dot(const float *a, const float *b, int d) {
-  if (d % 16 == 0) { /* vector accumulators, one tree sum at the end */
-    v16 acc = {0};
-    for (int x = 0; x < d; x += 16) acc += *(const v16 *)(a + x) * *(const v16 *)(b + x);
-    return hsum16(acc);
-  }
-  float acc = 0.0f;
-  for (int x = 0; x < d; x++) acc += a[x] * b[x];
-  return acc;
+static inline float load_one(const void *base, int64_t offset, int dtype) {
+  return dtype == 1 ? bf16_to_f32(((const uint16_t *)base)[offset]) : ((const float *)base)[offset];
 }
 
 static inline void load_row(const void *base, int64_t offset, int dtype, float *dst, int d) {
@@ -61,7 +64,7 @@ struct args {
   const void *query, *key_cache, *value_cache;
   int64_t q_row_stride, q_head_stride, bt_stride, kv_row;
   const int32_t *query_start_loc, *seq_lens, *block_table, *tile_seq, *tile_row0;
-  int num_heads, g, block_size;
+  int num_heads, num_kv_heads, g, block_size;
   float scale;
   void *out;
 };
@@ -73,15 +76,11 @@ struct scratch {
   float (*acc)[MAX_DIM];  /* [rows][MAX_DIM] */
   float *kt;              /* [MAX_BLOCK][MAX_DIM]: V rows of a block, converted */
   float *inv_sum;         /* [rows] */
+  int *rows;              /* [rows]: row indices */
 };
 
-/* Prefetch the cache lines of KV heads h0..h0+hn-1 of a block's first n slots. */
-static inline void prefetch_block(const void *cache, int64_t base, int n, int64_t kv_row, int h0, int hn, int d,
-                                  int es) {
-  for (int j = 0; j < n; j++) {
-    const char *p = (const char *)cache + ((base + j) * kv_row + (int64_t)h0 * d) * es;
-    for (int off = 0; off < hn * d * es; off += 64) __builtin_prefetch(p + off);
-  }
+static inline void prefetch(const void *p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off);
 }
 
 /* Query row i of the task is tile row i / (hn * g), query head h0 * g + i % (hn * g): so rows kh*g..kh*g+g-1 of
@@ -98,29 +97,46 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
   const int64_t stride = (int64_t)(last + bs - 1) / bs * bs; /* a score row: whole blocks */
   float *scores = w->scores, *kt = w->kt;
   float(*q)[MAX_DIM] = w->q, (*acc)[MAX_DIM] = w->acc;
-  float row[MAX_DIM];
   for (int i = 0; i < n_q; i++) {
     load_row(a->query, (int64_t)(r0 + i / per_row) * a->q_row_stride + (int64_t)(h0 * g + i % per_row) * a->q_head_stride,
              dtype, q[i], d);
     for (int x = 0; x < d; x++) q[i][x] *= a->scale, acc[i][x] = 0.0f;
   }
-  /* pass 1: scores; tile row r sees positions <= first_pos + r */
+  /* pass 1: scores; tile row r sees positions <= first_pos + r (a block's later ones are computed, then ignored) */
+  const int64_t k_block = (int64_t)a->num_kv_heads * d * bs; /* elements per block, in either cache */
   for (int p0 = 0, b = 0; p0 < last; p0 += bs, b++) {
-    const int64_t base = (int64_t)bt[b] * bs;
-    const int n = last - p0 < bs ? last - p0 : bs;
-    if (nr == 1 && p0 + bs < last) { /* decode: memory-bound */
-      const int n_next = last - p0 - bs < bs ? last - p0 - bs : bs;
-      prefetch_block(a->key_cache, (int64_t)bt[b + 1] * bs, n_next, a->kv_row, h0, hn, d, es);
+    const int r_lo = p0 > first_pos ? p0 - first_pos : 0;
+    if (hn == a->num_kv_heads && p0 + bs < last) { /* a decode task: fetch the next block of both caches */
+      prefetch((const char *)a->key_cache + bt[b + 1] * k_block * es, k_block * es);
+      prefetch((const char *)a->value_cache + bt[b + 1] * k_block * es, k_block * es);
     }
-    for (int j = 0; j < n; j++) { /* one dot per (row, head): slots are read whole, head after head */
-      const int p = p0 + j, r_min = p > first_pos ? p - first_pos : 0;
-      for (int kh = 0; kh < hn; kh++) {
-        load_row(a->key_cache, (base + j) * a->kv_row + (int64_t)(h0 + kh) * d, dtype, row, d);
-        for (int r = r_min; r < nr; r++)
-          for (int h = 0; h < g; h++) {
-            const int i = (r * hn + kh) * g + h;
-            scores[i * stride + p] = dot(q[i], row, d);
+    for (int kh = 0; kh < hn; kh++) {
+      const int64_t kt = ((int64_t)bt[b] * a->num_kv_heads + h0 + kh) * d * bs; /* K^T [d][bs] of this head */
+      int *rows = w->rows, m = 0; /* the query rows that read this head and see this block */
+      for (int r = r_lo; r < nr; r++)
+        for (int h = 0; h < g; h++) rows[m++] = (r * hn + kh) * g + h;
+      for (int i0 = 0; i0 < m; i0 += 4) {
+        const int n4 = m - i0 < 4 ? m - i0 : 4;
+        const float *q0 = q[rows[i0]], *q1 = q[rows[i0 + (n4 > 1)]], *q2 = q[rows[i0 + (n4 > 2) * 2]],
+                    *q3 = q[rows[i0 + (n4 > 3) * 3]];
+        if (bs % 16 == 0) {
+          for (int c = 0; c < bs; c += 16) {
+            v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            for (int x = 0; x < d; x++) {
+              const v16 k = load16(a->key_cache, kt + (int64_t)x * bs + c, dtype);
+              s0 += q0[x] * k, s1 += q1[x] * k, s2 += q2[x] * k, s3 += q3[x] * k;
+            }
+            const v16 sv[4] = {s0, s1, s2, s3};
+            for (int j = 0; j < n4; j++) *(v16 *)(scores + rows[i0 + j] * stride + p0 + c) = sv[j];
           }
+        } else {
+          for (int j = 0; j < n4; j++)
+            for (int c = 0; c < bs; c++) {
+              float acc0 = 0.0f;
+              for (int x = 0; x < d; x++) acc0 += q[rows[i0 + j]][x] * load_one(a->key_cache, kt + (int64_t)x * bs + c, dtype);
+              scores[rows[i0 + j] * stride + p0 + c] = acc0;
+            }
+        }
       }
     }
   }
@@ -142,10 +158,6 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
   for (int p0 = 0, b = 0; p0 < last; p0 += bs, b++) {
     const int64_t base = (int64_t)bt[b] * bs;
     const int n = last - p0 < bs ? last - p0 : bs, r_lo = p0 > first_pos ? p0 - first_pos : 0;
-    if (nr == 1 && p0 + bs < last) { /* decode: memory-bound */
-      const int n_next = last - p0 - bs < bs ? last - p0 - bs : bs;
-      prefetch_block(a->value_cache, (int64_t)bt[b + 1] * bs, n_next, a->kv_row, h0, hn, d, es);
-    }
     for (int j0 = 0; j0 < n; j0 += MAX_BLOCK)
       for (int kh = 0; kh < hn; kh++) {
         const int nj = n - j0 < MAX_BLOCK ? n - j0 : MAX_BLOCK;
@@ -219,13 +231,13 @@ int paged_attention(const void *query, int64_t q_row_stride, int64_t q_head_stri
     }
   const struct args a = {query, key_cache, value_cache, q_row_stride, q_head_stride, bt_stride,
                          (int64_t)num_kv_heads * d, query_start_loc, seq_lens, block_table, tile_seq, tile_row0,
-                         num_heads, g, block_size, scale, out};
+                         num_heads, num_kv_heads, g, block_size, scale, out};
   const int rows = TILE * g > num_heads ? TILE * g : num_heads;
   int failed = 0;
 #pragma omp parallel
   {
     const size_t n_sc = (size_t)rows * (max_len + block_size), n_rows = (size_t)2 * rows * MAX_DIM;
-    float *mem = (float *)malloc(sizeof(float) * (n_sc + n_rows + MAX_DIM * MAX_BLOCK + rows));
+    float *mem = (float *)malloc(sizeof(float) * (n_sc + n_rows + MAX_DIM * MAX_BLOCK + 2 * rows));
     struct scratch w = {0};
     if (mem) {
       w.scores = mem;
@@ -233,6 +245,7 @@ int paged_attention(const void *query, int64_t q_row_stride, int64_t q_head_stri
       w.acc = w.q + rows;
       w.kt = (float *)(w.acc + rows);
       w.inv_sum = w.kt + MAX_DIM * MAX_BLOCK;
+      w.rows = (int *)(w.inv_sum + rows);
     } else {
       failed = 1;
     }

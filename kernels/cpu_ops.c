@@ -86,19 +86,24 @@ void rotary(const void *x, int64_t x_stride, const void *cos, const void *sin, v
   }
 }
 
-/* key/value [tokens, kv_heads, d] (token stride given) -> the caches' slots; slot -1 is skipped */
+/* key/value [tokens, kv_heads, d] (token stride given) -> the caches' slots; slot -1 is skipped. The key cache is
+ * [num_blocks, kv_heads, d, block_size] (K transposed within a block, cpu_attention.c), the value cache
+ * [num_blocks, block_size, kv_heads, d]. */
 void reshape_and_cache(const void *key, int64_t k_stride, const void *value, int64_t v_stride, void *key_cache,
                        void *value_cache, const int64_t *slot_mapping, int64_t tokens, int kv_heads, int d,
-                       int dtype) {
+                       int block_size, int dtype) {
   const size_t es = dtype == 1 ? 2 : 4, row = (size_t)kv_heads * d;
   for (int64_t t = 0; t < tokens; t++) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
+    memcpy((char *)value_cache + slot * row * es, (const char *)value + t * v_stride * es, row * es);
+    const int64_t block = slot / block_size, off = slot % block_size;
     for (int h = 0; h < kv_heads; h++) {
-      memcpy((char *)key_cache + (slot * row + (size_t)h * d) * es,
-             (const char *)key + (t * k_stride + (int64_t)h * d) * es, d * es);
-      memcpy((char *)value_cache + (slot * row + (size_t)h * d) * es,
-             (const char *)value + (t * v_stride + (int64_t)h * d) * es, d * es);
+      const int64_t src = t * k_stride + (int64_t)h * d, dst = ((block * kv_heads + h) * d) * block_size + off;
+      if (dtype == 1)
+        for (int x = 0; x < d; x++) ((uint16_t *)key_cache)[dst + x * block_size] = ((const uint16_t *)key)[src + x];
+      else
+        for (int x = 0; x < d; x++) ((float *)key_cache)[dst + x * block_size] = ((const float *)key)[src + x];
     }
   }
 }

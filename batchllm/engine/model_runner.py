@@ -46,8 +46,10 @@ class ModelRunner:
             self.model.load_weights(weights)
         self.model.eval()
         if self.device.type == "cpu":
+            from batchllm.engine.host_memory import keep_freed_memory
             from batchllm.layers import fused
 
+            keep_freed_memory()
             self.model.pack_for_cpu()
             fused.enable_cpu_kernels()
         self.hf_config = hf_config
@@ -57,7 +59,7 @@ class ModelRunner:
 
             fused.enable_compile()
         for layer in self.model.attention_layers():
-            layer.backend = make_backend(backend)
+            layer.backend = make_backend(backend, self.dtype)
         self.sampler = Sampler(self.device, config.seed)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self._allocate_kv_cache()
@@ -151,7 +153,8 @@ class ModelRunner:
         # zeros, not empty: attention reads padded slots past a sequence's end with weight 0, and 0 * NaN
         # from uninitialised memory would be NaN
         for layer in self.model.attention_layers():
-            layer.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            key_shape = layer.backend.key_cache_shape(*shape)
+            layer.key_cache = torch.zeros(key_shape, dtype=self.dtype, device=self.device)
             layer.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 

@@ -20,11 +20,18 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-class _Backend:
-    """Writes the step's K/V into the cache, then attends: the same call for the reference and Triton."""
+def _standard_shape(num_blocks, block_size, num_kv_heads, head_dim) -> tuple:
+    return (num_blocks, block_size, num_kv_heads, head_dim)
 
-    def __init__(self, cache_fn, attend_fn, takes_max_lens: bool):
+
+class _Backend:
+    """Writes the step's K/V into the cache, then attends: the same call for the reference, C and Triton.
+    key_cache_shape(num_blocks, block_size, num_kv_heads, head_dim) is the key cache this backend reads (the value
+    cache is always [num_blocks, block_size, num_kv_heads, head_dim])."""
+
+    def __init__(self, cache_fn, attend_fn, takes_max_lens: bool, key_cache_shape=_standard_shape):
         self.cache, self.attend, self.takes_max_lens = cache_fn, attend_fn, takes_max_lens
+        self.key_cache_shape = key_cache_shape
 
     def __call__(self, q, k, v, key_cache, value_cache, meta, scale, out):
         self.cache(k, v, key_cache, value_cache, meta.slot_mapping)
@@ -33,13 +40,18 @@ class _Backend:
                            scale=scale, out=out, **extra)
 
 
-def make_backend(name: str) -> _Backend:
-    """name: 'torch' (the reference, any device), 'cpu' (the C kernel) or 'triton' (CUDA)."""
-    if name in ("torch", "cpu"):
-        from batchllm.kernels import cpu, reference
+def make_backend(name: str, dtype: torch.dtype | None = None) -> _Backend:
+    """name: 'torch' (the reference, any device), 'cpu' (the C kernels, where they take `dtype`, else the
+    reference) or 'triton' (CUDA)."""
+    if name == "cpu":
+        from batchllm.kernels import cpu
 
-        if name == "cpu":
-            return _Backend(cpu.reshape_and_cache, cpu.paged_attention, takes_max_lens=False)
+        if cpu.supports(dtype):
+            return _Backend(cpu.reshape_and_cache, cpu.paged_attention, False, cpu.key_cache_shape)
+        name = "torch"
+    if name == "torch":
+        from batchllm.kernels import reference
+
         return _Backend(reference.reshape_and_cache, reference.paged_attention, takes_max_lens=False)
     if name == "triton":
         from batchllm.kernels import attention, cache
@@ -54,7 +66,7 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.key_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim], bound by the runner
+        self.key_cache: torch.Tensor | None = None  # backend.key_cache_shape(...), bound by the runner
         self.value_cache: torch.Tensor | None = None
         self.backend = None
 

@@ -55,11 +55,12 @@ def test_reshape_and_cache(dtype):
     kv = torch.randn(7, 2, 4, 32, generator=g).to(dtype)[:, :, :3]  # [tokens, k/v, kv_heads, dim]: strided views
     key, value = kv[:, 0], kv[:, 1]
     slots = torch.tensor([5, -1, 0, 17, 31, -1, 8])
-    caches = [torch.zeros(2, 16, 3, 32, dtype=dtype) for _ in range(4)]
-    cpu.reshape_and_cache(key, value, caches[0], caches[1], slots)
-    reference.reshape_and_cache(key, value, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert caches[0].abs().sum() > 0
+    k_cpu = torch.zeros(cpu.key_cache_shape(2, 16, 3, 32), dtype=dtype)  # K transposed within a block
+    caches = [torch.zeros(2, 16, 3, 32, dtype=dtype) for _ in range(3)]
+    cpu.reshape_and_cache(key, value, k_cpu, caches[0], slots)
+    reference.reshape_and_cache(key, value, caches[1], caches[2], slots)
+    assert torch.equal(k_cpu, caches[1].permute(0, 2, 3, 1)) and torch.equal(caches[0], caches[2])
+    assert k_cpu.abs().sum() > 0
 
 
 def test_engine_ops_use_c_and_fall_back():
