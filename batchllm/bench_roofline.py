@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchllm.layers.linear import MergedLinear
+
 
 def _sync(device: torch.device):
     if device.type == "cuda":
@@ -92,6 +94,8 @@ class ModelShape:
         model = llm.runner.model
         dense = sum(p.numel() for name, p in model.named_parameters()
                     if "embed_tokens" not in name and "lm_head" not in name)
+        # weights reordered for the CPU's matmul (layers/linear.py) are no longer parameters
+        dense += sum(m.packed.numel() for m in model.modules() if isinstance(m, MergedLinear) and m.packed is not None)
         return cls.from_config(llm.hf_config, dense, llm.runner.dtype)
 
     @property

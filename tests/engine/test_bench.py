@@ -1,5 +1,6 @@
 """`batchllm bench`: the commands run end to end on the tiny model, and their figures add up."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,14 @@ def test_throughput_json_and_hf_baseline(tiny_model_dir, tmp_path, small_peaks):
     assert res["speedup_vs_hf"] == pytest.approx(e["output_tok_s"] / h["output_tok_s"])
     f = res["roofline"]
     assert f["peak_tflops"] > 0 and f["peak_bw_gbs"] > 0 and f["flops"] > 0 and f["bytes"] > 0
+    # every weight counts, also those reordered for the CPU's matmul (no longer nn.Parameters)
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in Path(tiny_model_dir).glob("*.safetensors"):
+        weights.update(load_file(path))
+    dense = sum(t.numel() for n, t in weights.items() if "embed_tokens" not in n and "lm_head" not in n)
+    assert f["params"] == dense + weights["model.embed_tokens.weight"].numel()
     assert 0 < f["efficiency"] and f["roofline_s"] > 0
     assert "engine" in r.output and "hf (5 prompts, bs 2)" in r.output
 
