@@ -318,6 +318,8 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
 
         result["roofline"] = estimate(ModelShape.from_llm(llm), eng.pop("_steps"), peaks, eng["elapsed_s"])
         result["roofline"]["roofline_output_tok_s"] = eng["output_tokens"] / result["roofline"]["roofline_s"]
+        result["roofline"]["serial_roofline_output_tok_s"] = (eng["output_tokens"]
+                                                              / result["roofline"]["serial_roofline_s"])
     free_llm(llm)
     del llm
     if baseline == "hf":

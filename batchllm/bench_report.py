@@ -16,9 +16,14 @@ def environment(device) -> dict:
 
     env = {"date": date.today().isoformat(), "version": batchllm.__version__, "torch": torch.__version__,
            "device": device.type, "python": platform.python_version()}
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=os.path.dirname(__file__),
+                              timeout=5).stdout.strip()
+
+    try:  # "+dirty": tracked files differ from the commit, so the commit alone does not name the code that ran
+        commit = git("rev-parse", "--short", "HEAD") or None
+        env["git_commit"] = commit and commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                 else "")
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     if device.type == "cuda":
@@ -95,6 +100,8 @@ def print_throughput(r: dict) -> None:
              f"{f['roofline_s']:.2f} s ({f['roofline_output_tok_s']:.0f} out tok/s); achieved "
              f"{f['achieved_tflops']:.3f} TFLOP/s, {f['achieved_bw_gbs']:.1f} GB/s; "
              f"measured/roofline {100 * f['efficiency']:.1f}%")
+        echo(f"one kernel at a time (matmuls, then attention): {f['serial_roofline_s']:.2f} s "
+             f"({f['serial_roofline_output_tok_s']:.0f} out tok/s); measured/that {100 * f['serial_efficiency']:.1f}%")
 
 
 def print_prefix(r: dict) -> None:

@@ -14,6 +14,11 @@ The model of one step: time = max(FLOPs / peak FLOP/s, bytes / peak bandwidth), 
   bytes = the weights once (dense + lm_head) + for each sequence its K/V context read and its new K/V written.
 The workload's roofline time is the sum over the engine's actual steps; efficiency = roofline time /
 measured time (1.0 = at the hardware limit). Activations, the embedding gather and the sampler are left out.
+
+max() over a whole step assumes its bandwidth-bound attention overlaps its compute-bound matmuls. An engine that
+runs one kernel at a time (batchllm today, vLLM) cannot do that; its bound is the "serial" roofline, per step
+  max(matmul FLOPs / peak, weight bytes / bandwidth) + max(attention FLOPs / peak, K/V bytes / bandwidth).
+Both are reported; `efficiency` is against the first.
 """
 import time
 from dataclasses import dataclass
@@ -111,27 +116,38 @@ class ModelShape:
         return self.dense_params + self.hidden * self.vocab
 
 
-def step_costs(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sampled: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one step. starts, q_lens: [num_seqs] context already cached, new tokens."""
+def step_parts(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sampled: int) -> dict:
+    """FLOPs and bytes of one step's matmuls and attention. starts, q_lens: [num_seqs] context already cached,
+    new tokens."""
     starts = starts.astype(np.float64)
     q = q_lens.astype(np.float64)
     tokens = q.sum()
     pairs = (q * starts + q * (q + 1) / 2).sum()  # causal query-key pairs
-    flops = (2 * shape.dense_params * tokens + 2 * shape.hidden * shape.vocab * num_sampled
-             + 4 * shape.layers * shape.heads * shape.head_dim * pairs)
     kv_read = (starts + q).sum() * shape.kv_bytes_per_token
     kv_write = tokens * shape.kv_bytes_per_token
-    return flops, shape.weight_bytes + kv_read + kv_write
+    return {"matmul_flops": 2 * shape.dense_params * tokens + 2 * shape.hidden * shape.vocab * num_sampled,
+            "weight_bytes": shape.weight_bytes,
+            "attention_flops": 4 * shape.layers * shape.heads * shape.head_dim * pairs,
+            "kv_bytes": kv_read + kv_write}
+
+
+def step_costs(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sampled: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one step."""
+    p = step_parts(shape, starts, q_lens, num_sampled)
+    return p["matmul_flops"] + p["attention_flops"], p["weight_bytes"] + p["kv_bytes"]
 
 
 def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> dict:
     """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline."""
     peak_flops = peaks["peak_tflops"] * 1e12
     peak_bw = peaks["peak_bw_gbs"] * 1e9
-    total_flops = total_bytes = t_roof = t_compute = t_memory = 0.0
+    total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = 0.0
     bound_compute = 0
     for s in steps:
-        flops, nbytes = step_costs(shape, s.starts, s.q_lens, s.num_sampled)
+        p = step_parts(shape, s.starts, s.q_lens, s.num_sampled)
+        flops, nbytes = p["matmul_flops"] + p["attention_flops"], p["weight_bytes"] + p["kv_bytes"]
+        t_serial += (max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw)
+                     + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw))
         tc, tm = flops / peak_flops, nbytes / peak_bw
         total_flops += flops
         total_bytes += nbytes
@@ -145,10 +161,12 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
         "flops": total_flops,
         "bytes": total_bytes,
         "roofline_s": t_roof,
+        "serial_roofline_s": t_serial,  # one kernel at a time: matmuls, then attention
         "compute_s": t_compute,  # if every step were compute bound
         "memory_s": t_memory,  # if every step were memory bound
         "compute_bound_steps": int(bound_compute),
         "achieved_tflops": total_flops / elapsed_s / 1e12 if elapsed_s > 0 else 0.0,
         "achieved_bw_gbs": total_bytes / elapsed_s / 1e9 if elapsed_s > 0 else 0.0,
         "efficiency": t_roof / elapsed_s if elapsed_s > 0 else 0.0,
+        "serial_efficiency": t_serial / elapsed_s if elapsed_s > 0 else 0.0,
     }

@@ -59,7 +59,6 @@ static inline void load_row(const void *base, int64_t offset, int dtype, float *
   }
 }
 
-
 struct args {
   const void *query, *key_cache, *value_cache;
   int64_t q_row_stride, q_head_stride, bt_stride, kv_row;
@@ -98,8 +97,8 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
   float *scores = w->scores, *kt = w->kt;
   float(*q)[MAX_DIM] = w->q, (*acc)[MAX_DIM] = w->acc;
   for (int i = 0; i < n_q; i++) {
-    load_row(a->query, (int64_t)(r0 + i / per_row) * a->q_row_stride + (int64_t)(h0 * g + i % per_row) * a->q_head_stride,
-             dtype, q[i], d);
+    const int64_t row = r0 + i / per_row, head = h0 * g + i % per_row;
+    load_row(a->query, row * a->q_row_stride + head * a->q_head_stride, dtype, q[i], d);
     for (int x = 0; x < d; x++) q[i][x] *= a->scale, acc[i][x] = 0.0f;
   }
   /* pass 1: scores; tile row r sees positions <= first_pos + r (a block's later ones are computed, then ignored) */
@@ -111,7 +110,7 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
       prefetch((const char *)a->value_cache + bt[b + 1] * k_block * es, k_block * es);
     }
     for (int kh = 0; kh < hn; kh++) {
-      const int64_t kt = ((int64_t)bt[b] * a->num_kv_heads + h0 + kh) * d * bs; /* K^T [d][bs] of this head */
+      const int64_t k_off = ((int64_t)bt[b] * a->num_kv_heads + h0 + kh) * d * bs; /* K^T [d][bs] of this head */
       int *rows = w->rows, m = 0; /* the query rows that read this head and see this block */
       for (int r = r_lo; r < nr; r++)
         for (int h = 0; h < g; h++) rows[m++] = (r * hn + kh) * g + h;
@@ -123,7 +122,7 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
           for (int c = 0; c < bs; c += 16) {
             v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
             for (int x = 0; x < d; x++) {
-              const v16 k = load16(a->key_cache, kt + (int64_t)x * bs + c, dtype);
+              const v16 k = load16(a->key_cache, k_off + (int64_t)x * bs + c, dtype);
               s0 += q0[x] * k, s1 += q1[x] * k, s2 += q2[x] * k, s3 += q3[x] * k;
             }
             const v16 sv[4] = {s0, s1, s2, s3};
@@ -132,8 +131,9 @@ static inline __attribute__((always_inline)) void run_task(const struct args *a,
         } else {
           for (int j = 0; j < n4; j++)
             for (int c = 0; c < bs; c++) {
+              const float *qj = q[rows[i0 + j]];
               float acc0 = 0.0f;
-              for (int x = 0; x < d; x++) acc0 += q[rows[i0 + j]][x] * load_one(a->key_cache, kt + (int64_t)x * bs + c, dtype);
+              for (int x = 0; x < d; x++) acc0 += qj[x] * load_one(a->key_cache, k_off + (int64_t)x * bs + c, dtype);
               scores[rows[i0 + j] * stride + p0 + c] = acc0;
             }
         }

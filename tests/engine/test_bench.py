@@ -59,6 +59,7 @@ def test_throughput_json_and_hf_baseline(tiny_model_dir, tmp_path, small_peaks):
     dense = sum(t.numel() for n, t in weights.items() if "embed_tokens" not in n and "lm_head" not in n)
     assert f["params"] == dense + weights["model.embed_tokens.weight"].numel()
     assert 0 < f["efficiency"] and f["roofline_s"] > 0
+    assert f["roofline_s"] <= f["serial_roofline_s"] and f["serial_efficiency"] >= f["efficiency"]
     assert "engine" in r.output and "hf (5 prompts, bs 2)" in r.output
 
 
@@ -94,6 +95,15 @@ def test_step_costs_by_hand():
     assert flops == 2 * 1000 * 4 + 2 * 8 * 10 * 2 + 4 * 2 * 2 * 4 * pairs
     kv_tok = 2 * 2 * 1 * 4 * 2
     assert nbytes == (1000 + 80) * 2 + (6 + 3) * kv_tok + 4 * kv_tok
+    # one kernel at a time: matmuls bound by the larger of FLOPs and weight bytes, then attention alike
+    peaks = {"peak_tflops": 1e-9, "peak_bw_gbs": 1e-6}  # 1000 FLOP/s, 1000 B/s: both terms in seconds / 1000
+    step = type("S", (), {"starts": np.array([5, 0]), "q_lens": np.array([1, 3]), "num_sampled": 2})
+    est = bench_roofline.roofline(shape, [step], peaks, elapsed_s=100.0)
+    matmul_s = max(2 * 1000 * 4 + 2 * 8 * 10 * 2, (1000 + 80) * 2) / 1000
+    attention_s = max(4 * 2 * 2 * 4 * pairs, (6 + 3) * kv_tok + 4 * kv_tok) / 1000
+    assert est["serial_roofline_s"] == pytest.approx(matmul_s + attention_s)
+    assert est["roofline_s"] == pytest.approx(max(flops, nbytes) / 1000)
+    assert est["roofline_s"] <= est["serial_roofline_s"] <= est["compute_s"] + est["memory_s"]
 
 
 def test_png_needs_matplotlib_or_draws(tiny_model_dir, tmp_path):
