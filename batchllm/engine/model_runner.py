@@ -154,8 +154,8 @@ class ModelRunner:
         # from uninitialised memory would be NaN
         for layer in self.model.attention_layers():
             key_shape = layer.backend.key_cache_shape(*shape)
-            layer.key_cache = torch.zeros(key_shape, dtype=self.dtype, device=self.device)
-            layer.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.key_cache = _zeros(key_shape, self.dtype, self.device)
+            layer.value_cache = _zeros(shape, self.dtype, self.device)
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 
     # -- one step ------------------------------------------------------------------------------
@@ -229,6 +229,15 @@ class ModelRunner:
             for i, lp in zip(rows, lps):
                 logprobs[i] = lp
         return sampled, logprobs
+
+
+def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU from calloc (numpy), whose large blocks are fresh pages that the OS zeroes on
+    first touch: a 4 GB CPU KV pool costs no startup time and only the memory its used blocks touch."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _block_table(reqs) -> np.ndarray:
