@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from batchllm.models import gguf_meta
 from batchllm.models.store import ModelError
 
 _INDEX = "model.safetensors.index.json"
@@ -79,9 +80,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_config(path):
-    """The model's transformers.PretrainedConfig (from config.json, or from the GGUF header). A copy of a
-    cached parse: a GGUF header with a 49k-token vocabulary takes ~4 s to parse, and loading needs the
-    config twice (the engine, the GGUF weight-name map)."""
+    """The model's transformers.PretrainedConfig (from config.json, or from the GGUF header, saved once as
+    HF files by gguf_meta.py). A copy of a per-process cache: loading needs it twice (the engine, the GGUF
+    weight-name map)."""
     fmt, p = find_format(path)
     src = p / "config.json" if p.is_dir() and (p / "config.json").exists() else p
     st = src.stat()
@@ -96,7 +97,14 @@ def _parse_config(fmt: str, p: str, size: int, mtime_ns: int):
     p = Path(p)
     try:
         if fmt == "gguf":
-            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+            saved = gguf_meta.cached(p, "config")
+            if saved:
+                config = AutoConfig.from_pretrained(str(saved), trust_remote_code=False)
+                config._name_or_path = str(p.parent)  # as if parsed from the GGUF
+                return config
+            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+            gguf_meta.save(p, "config", config)
+            return config
         return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except ValueError as e:  # unknown model_type / unsupported GGUF architecture
         raise ModelError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from None
@@ -109,7 +117,12 @@ def load_tokenizer(path):
     fmt, p = find_format(path)
     try:
         if fmt == "gguf":
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+            saved = gguf_meta.cached(p, "tokenizer")
+            if saved:
+                return AutoTokenizer.from_pretrained(str(saved), trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+            gguf_meta.save(p, "tokenizer", tokenizer)
+            return tokenizer
         return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except (OSError, ValueError) as e:  # no tokenizer files, or a tokenizer class we can't build
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

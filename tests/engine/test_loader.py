@@ -1,6 +1,8 @@
 """batchllm.models.loader: safetensors round trips, refusals, config/tokenizer/key; GGUF on the real SmolLM2 (slow)."""
-import torch
+from pathlib import Path
+
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from batchllm.models import loader
@@ -177,6 +179,21 @@ def test_smollm2_alias_gguf(tmp_path, monkeypatch):
     assert type(config).__name__ == "LlamaConfig" and config.hidden_size == 576
     tok = loader.load_tokenizer(path)
     assert tok.decode(tok("Hello world")["input_ids"], skip_special_tokens=True).strip() == "Hello world"
+
+    # The header is parsed once: later loads read the saved HF files (gguf_meta.py), with the same results.
+    from batchllm.models import gguf_meta
+
+    assert gguf_meta.cached(Path(path), "config") and gguf_meta.cached(Path(path), "tokenizer")
+    loader._parse_config.cache_clear()
+    config2, tok2 = loader.load_config(path), loader.load_tokenizer(path)
+    assert config2.to_dict() == config.to_dict()
+    for text in ["Hello world", "  tabs\tand\nnewlines ", "<|im_start|>user\nhi<|im_end|>", "émoji 🤖 中文", ""]:
+        assert tok2(text)["input_ids"] == tok(text)["input_ids"], text
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three primes."}]
+    assert (tok2.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    assert ((tok2.eos_token_id, tok2.bos_token_id, tok2.pad_token_id, len(tok2))
+            == (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, len(tok)))
 
     expected = _transformers_gguf_state_dict(path)
     names = []
