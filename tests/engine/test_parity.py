@@ -47,6 +47,19 @@ def test_tiny_models_match_hf(tiny_model_factory, arch):
     _check(tiny_model_factory(arch))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_without_the_c_kernels_too(tiny_model_factory, monkeypatch, arch):
+    """A CPU without a C compiler runs the pure-torch reference (its own key-cache layout): still HF's tokens."""
+    from batchllm.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_lib", False)  # as when building failed: load() -> None
+    llm = LLM(tiny_model_factory(arch), device="cpu", dtype="float32", block_size=16, num_kv_blocks=8)
+    layer = llm.runner.model.attention_layers()[0]
+    assert layer.key_cache.shape == layer.value_cache.shape  # the reference's layout
+    del llm
+    _check(tiny_model_factory(arch))
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_matches_hf():
     from batchllm.models import loader, store
