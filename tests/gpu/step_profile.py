@@ -1,0 +1,103 @@
+"""Where one engine step's GPU time goes, by kernel: a decode step and a mixed step of the issue-3 workload.
+
+    PYTHONPATH=$PWD python tests/gpu/step_profile.py [--model llama3-8b] [--decode 255] [--context 900]
+        [--prompt 920]
+
+Builds `--decode` running requests at about `--context` tokens each (prefilled first), times pure decode
+steps, then adds one `--prompt`-token request so that the next step mixes its prefill with the decode rows,
+as the 1000-prompt benchmark's 626 mixed steps do. Each step is timed with CUDA events (median of 5) and
+profiled once; the kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or .).
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from batchllm import LLM, SamplingParams
+from batchllm.engine.request import Request, RequestStatus
+
+
+def _kernel_table(prof, steps: int) -> list[dict]:
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cpu_time_total", 0)
+        if t > 0 and e.key not in rows:
+            rows[e.key] = {"kernel": e.key[:90], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps}
+    return sorted(rows.values(), key=lambda r: -r["ms_per_step"])
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_step(llm) -> float:
+    """Wall ms of one engine step (scheduling, inputs, forward, sampling), the GPU drained before and after."""
+    _sync()
+    t0 = time.perf_counter()
+    llm.step()
+    _sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--decode", type=int, default=255)
+    ap.add_argument("--context", type=int, default=900)
+    ap.add_argument("--prompt", type=int, default=920)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    args = ap.parse_args()
+    llm = LLM(args.model, device=args.device)
+    acts = [torch.profiler.ProfilerActivity.CUDA if args.device == "cuda" else torch.profiler.ProfilerActivity.CPU]
+    vocab = llm.hf_config.vocab_size
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+    for i in range(args.decode):
+        llm.scheduler.add_request(Request(i, rng.integers(10, vocab - 10, args.context).tolist(), sp))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in llm.scheduler.running) or llm.scheduler.waiting:
+        llm.step()
+    out = {"model": args.model, "decode_rows": args.decode, "context": args.context, "prompt": args.prompt,
+           "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+
+    decode_ms = [_timed_step(llm) for _ in range(5)]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            llm.step()
+        _sync()
+    out["decode_step_ms"] = statistics.median(decode_ms)
+    out["decode_kernels"] = _kernel_table(prof, 3)
+
+    mixed_ms = []
+    for k in range(6):  # as in the benchmark: one request ends, a new prompt takes its place in the next step
+        llm.scheduler.finish_request(llm.scheduler.running[0], RequestStatus.FINISHED_LENGTH)
+        llm.scheduler.add_request(Request(10_000 + k, rng.integers(10, vocab - 10, args.prompt).tolist(), sp))
+        if k < 5:
+            mixed_ms.append(_timed_step(llm))
+            continue
+        with torch.profiler.profile(activities=acts) as prof:
+            llm.step()
+            _sync()
+    out["mixed_step_ms"] = statistics.median(mixed_ms)
+    out["mixed_kernels"] = _kernel_table(prof, 1)
+    out["running"] = len(llm.scheduler.running)
+    assert out["running"] == args.decode, out["running"]
+
+    print(f"{out['card']}: {args.model}, {args.decode} decode rows at ~{args.context} tokens")
+    for name in ("decode", "mixed"):
+        print(f"\n{name} step: {out[name + '_step_ms']:.2f} ms (wall, median of 5)")
+        total = sum(r["ms_per_step"] for r in out[name + "_kernels"])
+        print(f"  kernels {total:.2f} ms of CUDA time a step")
+        for r in out[name + "_kernels"][:18]:
+            print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f}x  {r['kernel']}")
+    dest = os.path.join(os.environ.get("OUT", "."), "step_profile.json")
+    with open(dest, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
