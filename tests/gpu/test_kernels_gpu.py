@@ -198,3 +198,22 @@ def test_reshape_and_cache(dtype):
 
 with contextlib.suppress(Exception):  # keep tf32 out of the fp32 reference's matmuls
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_and_silu_and_mul_at_real_sizes(dtype):
+    """kernels/elementwise.py at llama3-8b's shapes (a 4096-token step): one rounding from the float32 result."""
+    from batchllm.kernels import elementwise
+    from batchllm.layers import fused
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(4096, 48, 128, device="cuda", generator=gen).to(dtype)
+    cos = torch.randn(4096, 1, 128, device="cuda", generator=gen).to(dtype)
+    sin = torch.randn(4096, 1, 128, device="cuda", generator=gen).to(dtype)
+    x = qkv[:, :40]  # q and k heads of the fused projection, as the engine passes them
+    ref = fused._rotary(x.float(), cos.float(), sin.float())
+    eps = torch.finfo(dtype).eps
+    assert ((elementwise.rotary(x, cos, sin).float() - ref).abs() <= eps * ref.abs() + 1e-6).all()
+    gu = (torch.randn(4096, 2 * 14336, device="cuda", generator=gen) * 4).to(dtype)
+    ref = fused._silu_and_mul(gu.float())
+    assert ((elementwise.silu_and_mul(gu).float() - ref).abs() <= eps * ref.abs() + 1e-6).all()
