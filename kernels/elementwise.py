@@ -67,7 +67,8 @@ def _silu_and_mul_kernel(
     mask = j < n
     gate = tl.load(x_ptr + t * 2 * n + j, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * 2 * n + n + j, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    e = tl.exp(-tl.abs(gate))  # sigmoid from exp(-|gate|): no overflow for large negative gates
+    out = gate * tl.where(gate >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * up
     tl.store(out_ptr + t * n + j, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
