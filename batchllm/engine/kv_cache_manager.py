@@ -75,6 +75,13 @@ class KVCacheManager:
 
     def allocate_slots(self, req: Request, num_new_tokens: int, new_computed_blocks=()) -> bool:
         """Give req blocks for num_new_tokens more tokens (after any prefix hits); False if there is no room."""
+        if not new_computed_blocks:  # the common decode case, 15 steps in 16: no new block, none newly full
+            held = self.req_blocks.get(req.request_id)
+            end = req.num_computed_tokens + num_new_tokens
+            full = end // self.block_size
+            if (held is not None and end <= len(held) * self.block_size
+                    and (not self.enable_caching or full <= self.num_cached_block.get(req.request_id, 0))):
+                return True
         if not self.can_allocate(req, num_new_tokens, new_computed_blocks):
             return False
         first = req.request_id not in self.req_blocks
