@@ -29,6 +29,7 @@ from batchllm.kernels import reference
 _SOURCES = [Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ops.c")]
 _HEADERS = [Path(__file__).with_name("cpu_common.h")]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_HIDDEN = 16384  # rms_norm's widest row (MAX_HIDDEN in cpu_ops.c)
 _lib = None  # ctypes.CDLL, False once building failed
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 

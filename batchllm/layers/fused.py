@@ -60,12 +60,12 @@ def enable_cpu_kernels() -> None:
         return
 
     def rms_norm_c(x, weight, eps):
-        if x.dim() == 2 and x.shape[1] <= 16384 and cpu.fits(x, weight):
+        if x.dim() == 2 and x.shape[1] <= cpu.MAX_HIDDEN and cpu.fits(x, weight):
             return cpu.rms_norm(x, weight, eps)
         return _rms_norm(x, weight, eps)
 
     def add_rms_norm_c(x, residual, weight, eps):
-        if x.dim() == 2 and x.shape == residual.shape and x.shape[1] <= 16384 and cpu.fits(x, residual, weight):
+        if x.dim() == 2 and x.shape == residual.shape and x.shape[1] <= cpu.MAX_HIDDEN and cpu.fits(x, residual, weight):
             return cpu.rms_norm(x, weight, eps, residual)
         return _add_rms_norm(x, residual, weight, eps)
 

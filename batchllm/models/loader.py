@@ -12,8 +12,6 @@ name into one.
 
 Imports torch, transformers and safetensors; ``gguf`` only when a GGUF is read.
 """
-import copy
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -80,30 +78,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_config(path):
-    """The model's transformers.PretrainedConfig (from config.json, or from the GGUF header, saved once as
-    HF files by gguf_meta.py). A copy of a per-process cache: loading needs it twice (the engine, the GGUF
-    weight-name map)."""
-    fmt, p = find_format(path)
-    src = p / "config.json" if p.is_dir() and (p / "config.json").exists() else p
-    st = src.stat()
-    return copy.deepcopy(_parse_config(fmt, str(p), st.st_size, st.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_config(fmt: str, p: str, size: int, mtime_ns: int):
-    """size and mtime_ns (of the GGUF, or of config.json) key the cache: a file replaced is parsed again."""
+    """The model's transformers.PretrainedConfig (from config.json, or from the GGUF header; gguf_meta.py
+    parses a header once and keeps the result)."""
     from transformers import AutoConfig
 
-    p = Path(p)
+    fmt, p = find_format(path)
     try:
         if fmt == "gguf":
-            saved = gguf_meta.cached(p, "config")
-            if saved:
-                config = AutoConfig.from_pretrained(str(saved), trust_remote_code=False)
-                config._name_or_path = str(p.parent)  # as if parsed from the GGUF
-                return config
-            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
-            gguf_meta.save(p, "config", config)
+            config = gguf_meta.load(p, "config", AutoConfig)
+            config._name_or_path = str(p.parent)  # as when parsed from the GGUF
             return config
         return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except ValueError as e:  # unknown model_type / unsupported GGUF architecture
@@ -117,12 +100,7 @@ def load_tokenizer(path):
     fmt, p = find_format(path)
     try:
         if fmt == "gguf":
-            saved = gguf_meta.cached(p, "tokenizer")
-            if saved:
-                return AutoTokenizer.from_pretrained(str(saved), trust_remote_code=False)
-            tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
-            gguf_meta.save(p, "tokenizer", tokenizer)
-            return tokenizer
+            return gguf_meta.load(p, "tokenizer", AutoTokenizer)
         return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except (OSError, ValueError) as e:  # no tokenizer files, or a tokenizer class we can't build
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -184,7 +184,6 @@ def test_smollm2_alias_gguf(tmp_path, monkeypatch):
     from batchllm.models import gguf_meta
 
     assert gguf_meta.cached(Path(path), "config") and gguf_meta.cached(Path(path), "tokenizer")
-    loader._parse_config.cache_clear()
     config2, tok2 = loader.load_config(path), loader.load_tokenizer(path)
     assert config2.to_dict() == config.to_dict()
     for text in ["Hello world", "  tabs\tand\nnewlines ", "<|im_start|>user\nhi<|im_end|>", "émoji 🤖 中文", ""]:
