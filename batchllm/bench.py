@@ -10,8 +10,10 @@ requested output. `--model` is a path, an alias (smollm2-135m) or a random-weigh
 llama3.2-1b, qwen3-0.6b: weights made on the device, nothing downloaded).
 
 Where the time goes is measured by wrapping the engine at runtime (no engine change): `LLM.step` for the
-step's wall time, `runner.execute` for the model's share, and the scheduled batch to classify the step as
-decode (every scheduled request adds one token to a finished prompt) or prefill/mixed. The same per-step
+step's wall time, `runner.execute` for launching the step, `runner.fetch` for the host's wait on the device,
+and the scheduled batch to classify the step as decode (every scheduled request adds one token to a finished
+prompt) or prefill/mixed. With asynchronous scheduling a `step()` call launches one step and collects the one
+before; its wall time is booked to the step it collects, whose device time it mostly is. The same per-step
 record feeds the roofline (bench_roofline.py); the HF baseline is in bench_hf.py.
 """
 import gc
@@ -63,11 +65,18 @@ class StepTimer:
     profile: bool = False
     steps: list = field(default_factory=list)
     prepare_s: float = 0.0
+    wait_s: float = 0.0
     peak_kv_usage: float = 0.0
 
     def __post_init__(self):
         llm, runner = self.llm, self.llm.runner
-        step, execute, prepare = llm.step, runner.execute, runner._prepare
+        step, execute, prepare, fetch = llm.step, runner.execute, runner._prepare, runner.fetch
+
+        def timed_fetch(result):
+            t0 = time.perf_counter()
+            r = fetch(result)
+            self.wait_s += time.perf_counter() - t0
+            return r
 
         def timed_prepare(out):
             t0 = time.perf_counter()
@@ -96,18 +105,22 @@ class StepTimer:
 
         def timed_step():
             n = len(self.steps)
+            collects = self.steps[-1] if llm.async_scheduling and llm._inflight is not None else None
             t0 = time.perf_counter()
             done = step()
             dt = time.perf_counter() - t0
-            if len(self.steps) > n:
-                self.steps[-1].step_s = dt
+            if collects is None and len(self.steps) > n:  # synchronous, or the first step of a run
+                collects = self.steps[-1]
+            if collects is not None:
+                collects.step_s += dt
             self.peak_kv_usage = max(self.peak_kv_usage, llm.kv.usage())
             return done
 
-        llm.step, runner.execute, runner._prepare = timed_step, timed_execute, timed_prepare
+        llm.step, runner.execute, runner._prepare, runner.fetch = timed_step, timed_execute, timed_prepare, timed_fetch
 
     def remove(self):
-        for obj, name in ((self.llm, "step"), (self.llm.runner, "execute"), (self.llm.runner, "_prepare")):
+        for obj, name in ((self.llm, "step"), (self.llm.runner, "execute"), (self.llm.runner, "_prepare"),
+                          (self.llm.runner, "fetch")):
             obj.__dict__.pop(name, None)
 
     def split(self) -> dict:
@@ -119,9 +132,11 @@ class StepTimer:
             "num_steps": len(self.steps),
             "prefill_steps": len(pre), "decode_steps": len(dec),
             "prefill_s": sum(s.step_s for s in pre), "decode_s": sum(s.step_s for s in dec),
-            "execute_s": exec_s,  # the model runner: inputs, forward, sampling
+            "execute_s": exec_s,  # the model runner launching steps: inputs, forward, sampling
             "prepare_s": self.prepare_s,  # of which: building the step's input tensors on the host
-            "scheduler_s": step_s - exec_s,  # scheduling and bookkeeping around execute
+            "wait_s": self.wait_s,  # the host waiting for the device's sampled tokens
+            "scheduler_s": step_s - exec_s - self.wait_s,  # scheduling and bookkeeping
+            "async_scheduling": self.llm.async_scheduling,
             "decode_batch_mean": float(np.mean([len(s.q_lens) for s in dec])) if dec else 0.0,
         }
 
@@ -230,6 +245,8 @@ def _engine_options(f):
         click.option("--num-kv-blocks", type=int, default=None),
         click.option("--max-model-len", type=int, default=None),
         click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
+        click.option("--async-scheduling/--no-async-scheduling", default=None,
+                     help="Schedule each step while the previous one runs [on for CUDA, off on the CPU]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts."),
         click.option("--threads", type=int, default=None,
                      help="CPU: torch threads (torch.set_num_threads); 1 avoids OpenMP stalls on a busy machine."),
@@ -241,10 +258,10 @@ def _engine_options(f):
 
 
 def _engine_args(device, dtype, max_num_seqs, max_num_batched_tokens, num_kv_blocks, max_model_len, enforce_eager,
-                 **extra):
+                 async_scheduling, **extra):
     return dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, enforce_eager=enforce_eager or None,
-                **extra)
+                async_scheduling=async_scheduling, **extra)
 
 
 def _len_spec(fixed, rng, name):

@@ -88,8 +88,9 @@ def print_throughput(r: dict) -> None:
         echo(f"engine / hf output tok/s: {r['speedup_vs_hf']:.2f}x  (hf generated {h['generated_tokens']} tokens "
              f"for {h['output_tokens']} useful)")
     echo(f"steps: {e['prefill_steps']} prefill/mixed {e['prefill_s']:.2f} s, {e['decode_steps']} decode "
-         f"{e['decode_s']:.2f} s (mean batch {e['decode_batch_mean']:.1f}); model runner {e['execute_s']:.2f} s "
-         f"(inputs {e['prepare_s']:.2f} s), scheduler {e['scheduler_s']:.2f} s")
+         f"{e['decode_s']:.2f} s (mean batch {e['decode_batch_mean']:.1f}); launching {e['execute_s']:.2f} s "
+         f"(inputs {e['prepare_s']:.2f} s), waiting on the device {e['wait_s']:.2f} s, scheduler "
+         f"{e['scheduler_s']:.2f} s{' (async scheduling)' if e['async_scheduling'] else ''}")
     echo(f"KV peak {100 * e['peak_kv_usage']:.1f}% of {e['num_kv_blocks']} blocks, prefix hit "
          f"{100 * e['prefix_hit_rate']:.1f}%, preemptions {e['num_preemptions']}")
     if "roofline" in r:

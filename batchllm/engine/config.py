@@ -29,6 +29,7 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 4.0
     quantization: str | None = None  # None | fp8 | awq
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool | None = None  # None: on for CUDA (schedule step N+1 while step N runs), off on the CPU
     seed: int = 0
 
     def __post_init__(self):
@@ -69,6 +70,11 @@ class EngineConfig:
                 return torch.bfloat16
             return torch.float32
         return getattr(torch, self.dtype)
+
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.resolved_device().startswith("cuda")
 
     def token_budget(self) -> int:
         if self.max_num_batched_tokens is not None:

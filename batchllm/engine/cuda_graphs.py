@@ -62,12 +62,15 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, seq_lens: np.ndarray,
-            block_table: np.ndarray) -> torch.Tensor:
-        """Replay for n decode rows (all arrays host-side, n = len(input_ids)) -> hidden [n, hidden_size]."""
+            block_table: np.ndarray, pending=None) -> torch.Tensor:
+        """Replay for n decode rows (all arrays host-side, n = len(input_ids)) -> hidden [n, hidden_size].
+        pending: (row indices, token ids on the device) that replace those rows' input ids, or None."""
         n = len(input_ids)
         bs = self.padded_size(n)
         w = block_table.shape[1]
         self.input_ids[:n].copy_(torch.from_numpy(input_ids), non_blocking=True)
+        if pending is not None:
+            self.input_ids[pending[0]] = pending[1]
         self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
         self.slot_mapping[:n].copy_(torch.from_numpy(slot_mapping), non_blocking=True)
         self.seq_lens[:n].copy_(torch.from_numpy(seq_lens.astype(np.int32)), non_blocking=True)

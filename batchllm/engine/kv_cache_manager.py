@@ -103,6 +103,8 @@ class KVCacheManager:
         return True
 
     def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_full: int) -> None:
+        if req.has_pending:  # a block is hashed once all its tokens are known: a later step registers this one
+            num_full = min(num_full, (req.num_tokens - 1) // self.block_size)
         start = self.num_cached_block.get(req.request_id, 0)
         if num_full <= start:
             return

@@ -13,7 +13,7 @@ from typing import Any
 
 from batchllm.engine.config import EngineConfig
 from batchllm.engine.kv_cache_manager import KVCacheManager
-from batchllm.engine.request import Request, RequestOutput, RequestStatus
+from batchllm.engine.request import PENDING, Request, RequestOutput, RequestStatus
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import Scheduler
 
@@ -45,6 +45,10 @@ class LLM:
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching, cache_key)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.token_budget(), max_len,
                                    _eos_ids(hf_config, self.tokenizer, model))
+        # asynchronous scheduling: step N+1 is scheduled and launched before step N's tokens are back, so the
+        # device never waits on the host. Off on the CPU, where the model runs in the calling thread anyway.
+        self.async_scheduling = config.resolved_async_scheduling()
+        self._inflight = None  # (sampling rows, ModelRunnerOutput) of the launched step not yet collected
         self._counter = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -83,7 +87,7 @@ class LLM:
                 err = self._add(req_id, prompt, sp or SamplingParams())
                 if err is not None:
                     yield err
-            if not self.scheduler.has_unfinished():
+            if not self.has_unfinished():
                 if exhausted:
                     return
                 continue
@@ -162,31 +166,46 @@ class LLM:
         return None
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step, then collect a step's results: with asynchronous scheduling the
+        previous step's (the device works on this one meanwhile), else this one's. -> requests finished."""
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
+        launched = None
+        if sched.scheduled:
+            self._num_steps += 1
+            result = self.runner.execute(sched)
+            launched = (self.scheduler.update_after_launch(sched), result)
+        elif self._inflight is None:
             raise RuntimeError("scheduler made no progress (a request larger than the KV pool?)")
-        self._num_steps += 1
-        sampled, logprobs = self.runner.execute(sched)
-        for (req, _), lp in zip(sched.scheduled, logprobs):
-            if lp is not None and req.logprobs is not None:
+        if self.async_scheduling:
+            launched, self._inflight = self._inflight, launched
+        return self._collect(*launched) if launched is not None else []
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    def _collect(self, sampling, result) -> list[RequestOutput]:
+        tokens, logprobs = self.runner.fetch(result)
+        for (req, i), lp in zip(sampling, logprobs):
+            if lp is not None and req.logprobs is not None and i < len(req.token_ids) and req.token_ids[i] == PENDING:
                 req.logprobs.append(lp)
-        advanced = self.scheduler.update_from_output(sched, sampled)
+        advanced = self.scheduler.update_from_output(sampling, tokens)
         self._generation_tokens += len(advanced)
         done = []
         for req in advanced:
-            if not req.status.finished and req.sampling_params.stop_strings:
+            if req.status != RequestStatus.FINISHED_STOPPED and req.sampling_params.stop_strings:
                 self._check_stop_strings(req)
-            if req.status.finished:
+            if req.status.finished and not req.has_pending:  # a length finish waits for its last token
                 done.append(self._output(req))
         self._num_finished += len(done)
         return done
 
     def _check_stop_strings(self, req: Request) -> None:
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        ids = req.output_token_ids[:-1] if req.has_pending else req.output_token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in req.sampling_params.stop_strings) if i >= 0]
         if hits:
             req.stop_text = text[: min(hits)]
-            self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
+            self.scheduler.stop_request(req)
 
     def _output(self, req: Request) -> RequestOutput:
         if req.stop_text is not None:

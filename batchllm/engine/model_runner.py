@@ -4,12 +4,14 @@ logits only for the rows that sample, and syncs with the host once per step.
 """
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from batchllm.engine.config import EngineConfig
-from batchllm.engine.sampler import Sampler
+from batchllm.engine.request import PENDING
+from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata, make_backend
 from batchllm.models.registry import model_class
@@ -61,6 +63,8 @@ class ModelRunner:
         for layer in self.model.attention_layers():
             layer.backend = make_backend(backend, self.dtype)
         self.sampler = Sampler(self.device, config.seed)
+        self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
+        self._prev_index: dict = {}  # request_id -> its row in _prev_tokens
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self._allocate_kv_cache()
         self.graphs = None
@@ -168,6 +172,17 @@ class ModelRunner:
         return (len(out.scheduled) <= self.graphs.sizes[-1]
                 and all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in out.scheduled))
 
+    def _pending_inputs(self, reqs, last_index: np.ndarray):
+        """Inputs that are the previous step's sampled tokens, still on the device (asynchronous scheduling):
+        -> (their indices in this step's input_ids, the tokens from the previous step's output) or None."""
+        dst = [i for i, r in enumerate(reqs) if r.token_ids[-1] == PENDING]
+        if not dst:
+            return None
+        src = [self._prev_index[reqs[i].request_id] for i in dst]
+        dst_t = torch.from_numpy(last_index[dst]).to(self.device, non_blocking=True)
+        src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        return dst_t, self._prev_tokens[src_t]
+
     def _decode_with_graph(self, out: SchedulerOutput):
         reqs = [r for r, _ in out.scheduled]
         n = len(reqs)
@@ -175,7 +190,8 @@ class ModelRunner:
         input_ids = np.fromiter((r.token_ids[-1] for r in reqs), dtype=np.int64, count=n)
         block_table = _block_table(reqs)
         slot_mapping = self._slots(block_table, np.arange(n), positions)
-        hidden = self.graphs.run(input_ids, positions, slot_mapping, positions + 1, block_table)
+        pending = self._pending_inputs(reqs, np.arange(n))
+        hidden = self.graphs.run(input_ids, positions, slot_mapping, positions + 1, block_table, pending)
         return hidden, torch.arange(n, device=self.device), np.ones(n, dtype=bool)
 
     def _prepare(self, out: SchedulerOutput):
@@ -204,31 +220,63 @@ class ModelRunner:
             query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
             block_table=t(block_table, torch.int32), slot_mapping=t(slot_mapping, torch.int64),
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
-        return (t(input_ids, torch.int64), t(positions, torch.int64), meta, t(logits_indices, torch.int64),
-                sample)
+        input_ids_t = t(input_ids, torch.int64)
+        pending = self._pending_inputs(reqs, qsl[1:] - 1)
+        if pending is not None:
+            input_ids_t[pending[0]] = pending[1]
+        return input_ids_t, t(positions, torch.int64), meta, t(logits_indices, torch.int64), sample
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput):
-        """-> (one sampled token or None per scheduled request, logprob dict or None per request)."""
+    def execute(self, out: SchedulerOutput) -> "ModelRunnerOutput":
+        """Queue one step on the device and return without waiting for it: the sampled tokens (and logprobs)
+        are copied to the host behind the step's kernels; `fetch` waits for them."""
         if self.graphs is not None and self._graphable(out):
             hidden, logits_indices, sample = self._decode_with_graph(out)
         else:
             input_ids, positions, meta, logits_indices, sample = self._prepare(out)
             hidden = self.model(input_ids, positions, meta)
-        sampled = [None] * len(out.scheduled)
-        logprobs = [None] * len(out.scheduled)
-        if len(logits_indices) == 0:
-            return sampled, logprobs
+        reqs = [out.scheduled[i][0] for i in np.flatnonzero(sample)]
+        self._prev_tokens, self._prev_index = None, {}
+        if not reqs:
+            return ModelRunnerOutput([], None, None, None)
         logits = self.model.compute_logits(hidden[logits_indices])
-        rows = np.flatnonzero(sample).tolist()
-        reqs = [out.scheduled[i][0] for i in rows]
-        tokens, lps = self.sampler(logits, reqs)
-        for i, tok in zip(rows, tokens.tolist()):  # the step's one host sync
-            sampled[i] = tok
-        if lps is not None:
-            for i, lp in zip(rows, lps):
-                logprobs[i] = lp
-        return sampled, logprobs
+        tokens, logprobs = self.sampler(logits, reqs)
+        self._prev_tokens = tokens
+        self._prev_index = {r.request_id: i for i, r in enumerate(reqs)}
+        if self.device.type != "cuda":
+            return ModelRunnerOutput(reqs, tokens, logprobs, None)
+        host = [_pinned_copy(x) for x in (tokens, *(logprobs or ()))]
+        ready = torch.cuda.Event()
+        ready.record()
+        return ModelRunnerOutput(reqs, host[0], tuple(host[1:]) or None, ready)
+
+    @staticmethod
+    def fetch(result: "ModelRunnerOutput") -> tuple[list[int], list[dict | None]]:
+        """Wait for a step's results: (sampled token, logprob dict or None) for each row that samples, in
+        batch order. The step's one wait on the device."""
+        if result.ready is not None:
+            result.ready.synchronize()
+        if result.tokens is None:
+            return [], []
+        tokens = result.tokens.tolist()
+        if result.logprobs is None:
+            return tokens, [None] * len(tokens)
+        return tokens, logprob_dicts(result.logprobs, tokens, result.reqs)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """A launched step's results on their way to the host: one sampled token per row that samples."""
+    reqs: list  # the requests that sample, in batch order
+    tokens: torch.Tensor | None  # [len(reqs)] int64, on the host (pinned) once `ready` has passed
+    logprobs: tuple | None  # Sampler._logprobs' tensors, on the host likewise
+    ready: object  # torch.cuda.Event recorded after the copies, or None on the CPU
+
+
+def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

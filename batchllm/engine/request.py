@@ -5,6 +5,8 @@ from typing import Any
 
 from batchllm.engine.sampling import SamplingParams
 
+PENDING = -1  # a sampled token still on the device: the step that samples it has launched, not returned
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -19,7 +21,11 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """token_ids holds the prompt then the output; the scheduler moves num_computed_tokens up to it."""
+    """token_ids holds the prompt then the output; the scheduler moves num_computed_tokens up to it.
+
+    With asynchronous scheduling the last output token may be PENDING: its step is still on the device.
+    The next step already computes it (the runner reads it from the device), and the step's results fill it in.
+    """
 
     def __init__(self, request_id: Any, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  arrival: int = 0):
@@ -45,6 +51,15 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def has_pending(self) -> bool:
+        return self.token_ids[-1] == PENDING
+
+    def drop_pending(self) -> None:
+        """Forget a token sampled after the request stopped (its step launched before the stop was known)."""
+        if self.token_ids[-1] == PENDING and len(self.token_ids) > self.num_prompt_tokens:
+            self.token_ids.pop()
 
     @property
     def prompt_token_ids(self) -> list[int]:

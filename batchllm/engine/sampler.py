@@ -16,15 +16,19 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]):
-        """logits: [n, vocab] float32, row i for reqs[i] -> (token ids [n] tensor, logprob dicts or None per row)."""
+        """logits: [n, vocab] float32, row i for reqs[i] -> (token ids [n], logprob tensors or None).
+
+        Nothing here waits for the device: the logprob tensors become dicts in `logprob_dicts`, once on the host.
+        """
         params = [r.sampling_params for r in reqs]
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, reqs, params))
-        logprobs = self._logprobs(logits, tokens, params) if any(p.logprobs is not None for p in params) else None
-        return tokens, logprobs
+        if all(p.logprobs is None for p in params):
+            return tokens, None
+        return tokens, self._logprobs(logits, tokens, max((p.logprobs or 0) for p in params))
 
     def _sample(self, logits, reqs, params):
         n, vocab = logits.shape
@@ -50,21 +54,26 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _logprobs(logits, tokens, params):
+    def _logprobs(logits, tokens, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (top-k logprobs [n, k], their token ids [n, k], the sampled token's logprob [n])."""
         lp = logits.log_softmax(dim=-1)
-        k = max((p.logprobs or 0) for p in params)
         top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-        chosen = lp.gather(1, tokens[:, None])[:, 0]
-        top_v, top_i, chosen, toks = top_v.tolist(), top_i.tolist(), chosen.tolist(), tokens.tolist()
-        out = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            d = dict(zip(top_i[i][: p.logprobs], top_v[i][: p.logprobs]))
-            d[toks[i]] = chosen[i]
-            out.append(d)
-        return out
+        return top_v, top_i, lp.gather(1, tokens[:, None])[:, 0]
+
+
+def logprob_dicts(tensors, tokens: list[int], reqs: list[Request]) -> list[dict[int, float] | None]:
+    """The host side of Sampler._logprobs: {token id: logprob} per row (its top-k and the sampled token)."""
+    top_v, top_i, chosen = (t.tolist() for t in tensors)
+    out = []
+    for i, r in enumerate(reqs):
+        k = r.sampling_params.logprobs
+        if k is None:
+            out.append(None)
+            continue
+        d = dict(zip(top_i[i][:k], top_v[i][:k]))
+        d[tokens[i]] = chosen[i]
+        out.append(d)
+    return out
 
 
 def _top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from batchllm.engine.kv_cache_manager import KVCacheManager
-from batchllm.engine.request import Request, RequestStatus
+from batchllm.engine.request import PENDING, Request, RequestStatus
 
 _MAX_SKIPS = 512  # waiting requests looked past in one step while they wait on in-flight blocks
 
@@ -94,24 +94,47 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
-        """Advance each scheduled request; append its sampled token (None for a partial prefill chunk).
+    def update_after_launch(self, out: SchedulerOutput) -> list[tuple[Request, int]]:
+        """Once the runner has taken the step's inputs: advance each scheduled request, and give each one that
+        samples a PENDING token, so that the next step can be scheduled before this one returns.
 
-        Returns the requests that received a new token; those that hit a token-level stop are finished.
+        A request that reaches max_tokens or max_model_len with that token is finished now (it is not
+        scheduled again); its token still arrives through update_from_output. Returns (request, index of the
+        PENDING token) for the rows that sample, in batch order: the order of the step's sampled tokens.
         """
-        advanced = []
-        for (req, n), tok in zip(out.scheduled, sampled):
+        sampling = []
+        for req, n in out.scheduled:
             req.num_computed_tokens += n
-            if tok is None:
-                continue
-            req.token_ids.append(tok)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a partial prefill chunk
+            req.token_ids.append(PENDING)
+            sampling.append((req, len(req.token_ids) - 1))
+            if req.num_output_tokens >= req.sampling_params.max_tokens or req.num_tokens >= self.max_model_len:
+                self.finish_request(req, RequestStatus.FINISHED_LENGTH)
+        return sampling
+
+    def update_from_output(self, sampling: list[tuple[Request, int]], tokens: list[int]) -> list[Request]:
+        """Fill in a step's sampled tokens. Returns the requests that received one; a token-level stop finishes
+        its request, and a token sampled after a stop (by a step launched before it was known) is dropped."""
+        advanced = []
+        for (req, i), tok in zip(sampling, tokens):
+            if i >= len(req.token_ids) or req.token_ids[i] != PENDING:
+                continue  # the request stopped at an earlier token
+            req.token_ids[i] = tok
             advanced.append(req)
             sp = req.sampling_params
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
-                self.finish_request(req, RequestStatus.FINISHED_STOPPED)
-            elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
-                self.finish_request(req, RequestStatus.FINISHED_LENGTH)
+                self.stop_request(req)
         return advanced
+
+    def stop_request(self, req: Request) -> None:
+        """Finish req at its last known token (EOS, a stop token or a stop string), dropping any PENDING one.
+        A stop wins over a length finish that update_after_launch already made."""
+        if req.status == RequestStatus.FINISHED_LENGTH:  # already out of the running set, blocks freed
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.drop_pending()
+        else:
+            self.finish_request(req, RequestStatus.FINISHED_STOPPED)
 
     def finish_request(self, req: Request, status: RequestStatus) -> None:
         if req.status.finished:
@@ -121,4 +144,6 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
+        if status != RequestStatus.FINISHED_LENGTH:
+            req.drop_pending()
         self.kv.free(req)

@@ -13,8 +13,8 @@ def make(num_blocks=16, block_size=4, budget=8, max_num_seqs=4, caching=True):
 
 def run_step(s, token=7):
     out = s.schedule()
-    sampled = [token if r.num_computed_tokens + n == r.num_tokens else None for r, n in out.scheduled]
-    s.update_from_output(out, sampled)
+    sampling = s.update_after_launch(out)
+    s.update_from_output(sampling, [token] * len(sampling))
     return out
 
 

@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 B="python3 -m batchllm.cli bench"
 if [ "$phase" = quick ] || [ "$phase" = full ]; then
-  python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
 fi
 if [ "$phase" = quick ]; then
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 64 --input-len-range 100 1024 \
@@ -24,6 +24,22 @@ fi
 if [ "$phase" = llama ]; then
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
+fi
+if [ "$phase" = async ]; then  # GPU tests, then asynchronous scheduling against the synchronous engine
+  python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | tail -n 12
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --no-async-scheduling --no-roofline --json "$OUT/llama3-8b-sync.json" 2>&1 | tail -n 8
+fi
+if [ "$phase" = batch ]; then  # larger decode batches, and where a step's time goes
+  for n in 384 512; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 --max-num-seqs $n --json "$OUT/llama3-8b-$n.json" 2>&1 | tail -n 12
+  done
+  python3 tests/gpu/step_profile.py --model llama3-8b 2>&1 | grep -v "^USDT" | tail -n 50
 fi
 if [ "$phase" = tune ]; then
   CUDA_LAUNCH_BLOCKING=1 $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 40

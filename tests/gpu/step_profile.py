@@ -5,8 +5,9 @@
 
 Builds `--decode` running requests at about `--context` tokens each (prefilled first), times pure decode
 steps, then adds one `--prompt`-token request so that the next step mixes its prefill with the decode rows,
-as the 1000-prompt benchmark's 626 mixed steps do. Each step is timed with CUDA events (median of 5) and
-profiled once; the kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or .).
+as the 1000-prompt benchmark's 626 mixed steps do. Steps are timed back to back (the median of 3 runs of
+5-10 steps, so that asynchronous scheduling overlaps as it does in a real run) and profiled apart; the
+kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or .).
 """
 import argparse
 import json
@@ -35,13 +36,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed_step(llm) -> float:
-    """Wall ms of one engine step (scheduling, inputs, forward, sampling), the GPU drained before and after."""
+def _timed_steps(llm, k: int, before=None) -> float:
+    """Wall ms a step over k back-to-back engine steps (scheduling, inputs, forward, sampling; with asynchronous
+    scheduling each step is launched while the previous one runs), the GPU drained before and after."""
     _sync()
     t0 = time.perf_counter()
-    llm.step()
+    for _ in range(k):
+        if before is not None:
+            before()
+        llm.step()
     _sync()
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3 / k
 
 
 def main():
@@ -64,7 +69,7 @@ def main():
     out = {"model": args.model, "decode_rows": args.decode, "context": args.context, "prompt": args.prompt,
            "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
 
-    decode_ms = [_timed_step(llm) for _ in range(5)]
+    decode_ms = [_timed_steps(llm, 10) for _ in range(3)]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(3):
             llm.step()
@@ -72,16 +77,18 @@ def main():
     out["decode_step_ms"] = statistics.median(decode_ms)
     out["decode_kernels"] = _kernel_table(prof, 3)
 
-    mixed_ms = []
-    for k in range(6):  # as in the benchmark: one request ends, a new prompt takes its place in the next step
+    added = iter(range(10_000, 20_000))
+
+    def swap():  # as in the benchmark: one request ends, a new prompt takes its place in the next step
         llm.scheduler.finish_request(llm.scheduler.running[0], RequestStatus.FINISHED_LENGTH)
-        llm.scheduler.add_request(Request(10_000 + k, rng.integers(10, vocab - 10, args.prompt).tolist(), sp))
-        if k < 5:
-            mixed_ms.append(_timed_step(llm))
-            continue
-        with torch.profiler.profile(activities=acts) as prof:
-            llm.step()
-            _sync()
+        llm.scheduler.add_request(Request(next(added), rng.integers(10, vocab - 10, args.prompt).tolist(), sp))
+
+    mixed_ms = [_timed_steps(llm, 5, swap) for _ in range(3)]
+    _sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        swap()
+        llm.step()
+        _sync()
     out["mixed_step_ms"] = statistics.median(mixed_ms)
     out["mixed_kernels"] = _kernel_table(prof, 1)
     out["running"] = len(llm.scheduler.running)
@@ -89,7 +96,7 @@ def main():
 
     print(f"{out['card']}: {args.model}, {args.decode} decode rows at ~{args.context} tokens")
     for name in ("decode", "mixed"):
-        print(f"\n{name} step: {out[name + '_step_ms']:.2f} ms (wall, median of 5)")
+        print(f"\n{name} step: {out[name + '_step_ms']:.2f} ms (wall, back to back, median of 3 runs)")
         total = sum(r["ms_per_step"] for r in out[name + "_kernels"])
         print(f"  kernels {total:.2f} ms of CUDA time a step")
         for r in out[name + "_kernels"][:18]:
