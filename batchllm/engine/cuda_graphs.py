@@ -5,6 +5,7 @@ rows with slot -1 (the cache kernel skips it) and seq_len 1, and returns the hid
 import numpy as np
 import torch
 
+from batchllm.engine.host_memory import pinned
 from batchllm.layers.attention import AttentionMetadata
 
 
@@ -68,13 +69,13 @@ class DecodeGraphs:
         n = len(input_ids)
         bs = self.padded_size(n)
         w = block_table.shape[1]
-        self.input_ids[:n].copy_(torch.from_numpy(input_ids), non_blocking=True)
+        self.input_ids[:n].copy_(pinned(input_ids), non_blocking=True)
         if pending is not None:
             self.input_ids[pending[0]] = pending[1]
-        self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(seq_lens.astype(np.int32)), non_blocking=True)
-        self.block_table[:n, :w].copy_(torch.from_numpy(block_table), non_blocking=True)
+        self.positions[:n].copy_(pinned(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(pinned(slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(pinned(seq_lens, torch.int32), non_blocking=True)
+        self.block_table[:n, :w].copy_(pinned(block_table), non_blocking=True)
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from batchllm.engine.config import EngineConfig
+from batchllm.engine.host_memory import to_device
 from batchllm.engine.request import PENDING
 from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
@@ -179,8 +180,8 @@ class ModelRunner:
         if not dst:
             return None
         src = [self._prev_index[reqs[i].request_id] for i in dst]
-        dst_t = torch.from_numpy(last_index[dst]).to(self.device, non_blocking=True)
-        src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        dst_t = to_device(last_index[dst], self.device, torch.int64)
+        src_t = to_device(np.array(src, dtype=np.int64), self.device)
         return dst_t, self._prev_tokens[src_t]
 
     def _decode_with_graph(self, out: SchedulerOutput):
@@ -214,7 +215,7 @@ class ModelRunner:
         logits_indices = qsl[1:][sample] - 1
 
         def t(a, dtype):
-            return torch.from_numpy(a).to(dtype=dtype).to(self.device, non_blocking=True)
+            return to_device(a, self.device, dtype)
 
         meta = AttentionMetadata(
             query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),

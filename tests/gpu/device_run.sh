@@ -35,7 +35,7 @@ if [ "$phase" = async ]; then  # GPU tests, then asynchronous scheduling against
     --output-len-range 100 1024 --no-async-scheduling --no-roofline --json "$OUT/llama3-8b-sync.json" 2>&1 | tail -n 8
 fi
 if [ "$phase" = batch ]; then  # larger decode batches, and where a step's time goes
-  for n in 384 512; do
+  for n in 256 384 512; do
     $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
       --output-len-range 100 1024 --max-num-seqs $n --json "$OUT/llama3-8b-$n.json" 2>&1 | tail -n 12
   done
