@@ -324,7 +324,7 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
         "workload": {"num_prompts": num_prompts, "input_len": in_spec, "output_len": out_spec, "seed": seed,
                      "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(out_lens), "ignore_eos": True,
                      "temperature": 0.0},
-        "engine_args": {"max_num_seqs": llm.config.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
+        "engine_args": {"max_num_seqs": llm.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
                         "num_kv_blocks": llm.runner.num_kv_blocks, "block_size": llm.config.block_size,
                         "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len},
     }

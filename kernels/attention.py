@@ -326,6 +326,7 @@ def unified_attention(
     max_seq_len=None,
     num_kv_splits=None,
     config=None,
+    num_decodes=0,
 ):
     """Causal paged attention of a mixed prefill/decode batch in one launch (two with split-KV).
 
@@ -337,6 +338,9 @@ def unified_attention(
     max_query_len / max_seq_len: host ints the engine already knows; given both, no host sync happens
     (CUDA-graph safe). num_kv_splits: None chooses (choose_num_kv_splits), 1 never splits, n > 1 forces
     n segments (a power of 2). config: overrides default_config's keys (tuning).
+    num_decodes: the first num_decodes sequences have one query token each (the engine puts decode rows
+    first). In a batch that also has longer chunks they get their own launch with the decode tile: in one
+    launch they would run with the prefill tile's 4x MMA work and register budget (docs/kernels.md).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
@@ -358,6 +362,15 @@ def unified_attention(
     if num_seqs == 0 or num_tokens == 0:
         return out
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if 0 < num_decodes < num_seqs and max_query_len != 1:
+        common = dict(scale=scale, max_seq_len=max_seq_len, config=config)
+        unified_attention(query[:num_decodes], key_cache, value_cache, query_start_loc[: num_decodes + 1],
+                          seq_lens[:num_decodes], block_table[:num_decodes], out=out[:num_decodes],
+                          max_query_len=1, **common)
+        unified_attention(query[num_decodes:], key_cache, value_cache, query_start_loc[num_decodes:] - num_decodes,
+                          seq_lens[num_decodes:], block_table[num_decodes:], out=out[num_decodes:],
+                          max_query_len=max_query_len, num_kv_splits=num_kv_splits, **common)
+        return out
     if max_query_len is None:  # host sync: the engine passes it
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     qpk = num_heads // num_kv_heads

@@ -14,13 +14,16 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+MAX_AUTO_SEQS = 512  # the largest running batch chosen by default (max_num_seqs_for)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else float32
     block_size: int = 16
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: 256 on the CPU; on CUDA sized from the KV pool (max_num_seqs_for)
     max_num_batched_tokens: int | None = None  # None: 8192 on CUDA, 2048 on the CPU
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -42,7 +45,7 @@ class EngineConfig:
             bad("dtype", "must be auto, float32, bfloat16 or float16")
         if self.block_size not in (8, 16, 32, 64, 128):
             bad("block_size", "must be one of 8, 16, 32, 64, 128")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             bad("max_num_seqs", "must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             bad("max_num_batched_tokens", "must be >= 1")
@@ -75,6 +78,17 @@ class EngineConfig:
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.resolved_device().startswith("cuda")
+
+    def max_num_seqs_for(self, kv_pool_tokens: int) -> int:
+        """The running-batch cap. On CUDA by default: as many sequences as the KV pool holds at 1,024 tokens
+        each, within 256..512 (graphs are captured up to 512 rows). Big pools gain from a big batch (decode
+        matmuls become compute-bound, the weights are read once for more tokens); a cap beyond what the pool
+        holds only buys preemptions. 256 on the CPU."""
+        if self.max_num_seqs is not None:
+            return self.max_num_seqs
+        if not self.resolved_device().startswith("cuda"):
+            return 256
+        return max(256, min(MAX_AUTO_SEQS, kv_pool_tokens // 1024))
 
     def token_budget(self) -> int:
         if self.max_num_batched_tokens is not None:

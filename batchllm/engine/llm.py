@@ -43,7 +43,8 @@ class LLM:
         self.max_model_len = max_len
         cache_key = f"{key}|{config.quantization or 'none'}|{self.runner.dtype}"
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching, cache_key)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.token_budget(), max_len,
+        self.max_num_seqs = self.runner.max_num_seqs
+        self.scheduler = Scheduler(self.kv, self.max_num_seqs, config.token_budget(), max_len,
                                    _eos_ids(hf_config, self.tokenizer, model))
         # asynchronous scheduling: step N+1 is scheduled and launched before step N's tokens are back, so the
         # device never waits on the host. Off on the CPU, where the model runs in the calling thread anyway.
@@ -76,7 +77,7 @@ class LLM:
         """
         it = iter(requests)
         exhausted = False
-        target = 2 * self.config.max_num_seqs
+        target = 2 * self.max_num_seqs
         while True:
             while not exhausted and len(self.scheduler.waiting) < target:
                 item = next(it, None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchllm.engine.config import EngineConfig
+from batchllm.engine.config import MAX_AUTO_SEQS, EngineConfig
 from batchllm.engine.host_memory import to_device
 from batchllm.engine.request import PENDING
 from batchllm.engine.sampler import Sampler, logprob_dicts
@@ -66,14 +66,16 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self._prev_index: dict = {}  # request_id -> its row in _prev_tokens
+        self.split_decodes = True  # mixed batches: decode rows in their own attention launch (False: one launch)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self.max_num_seqs = config.max_num_seqs_for(self.num_kv_blocks * self.block_size)
         self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from batchllm.engine.cuda_graphs import DecodeGraphs
 
             max_blocks = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.device, min(config.max_num_seqs, 512), max_blocks,
+            self.graphs = DecodeGraphs(self.model, self.device, min(self.max_num_seqs, MAX_AUTO_SEQS), max_blocks,
                                        max_model_len)
             self.graphs.capture()
 
@@ -96,11 +98,15 @@ class ModelRunner:
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         # no more than enough for max_num_seqs full-length sequences
-        want = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        want = self._seqs_bound() * -(-self.max_model_len // self.block_size)
         n = int(min(budget // per_block, want))
         if n < -(-self.max_model_len // self.block_size) and n < 16:
             raise RuntimeError(f"KV cache: room for only {n} blocks; lower max_model_len or free memory")
         return n
+
+    def _seqs_bound(self) -> int:
+        """max_num_seqs before the pool is sized: the user's, else the largest the default may choose."""
+        return self.config.max_num_seqs or MAX_AUTO_SEQS
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
@@ -109,7 +115,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.token_budget()
-        num_seqs = max(1, min(self.config.max_num_seqs, tokens // 2))
+        num_seqs = max(1, min(self._seqs_bound(), tokens // 2))
         per_seq = tokens // num_seqs
         q_lens = np.full(num_seqs, per_seq, dtype=np.int64)
         q_lens[-1] += tokens - per_seq * num_seqs
@@ -137,7 +143,7 @@ class ModelRunner:
             max_query_len=int(q_lens.max()), max_seq_len=int(q_lens.max()))
         ids = torch.randint(0, h.vocab_size, (tokens,), device=dev)
         hidden = self.model(ids, torch.tensor(positions, device=dev), meta)
-        rows = torch.arange(min(self.config.max_num_seqs, tokens), device=dev)
+        rows = torch.arange(min(self._seqs_bound(), tokens), device=dev)
         logits = self.model.compute_logits(hidden[rows])
         logits.sort(dim=-1)  # top-k/top-p sampling sorts the logits
         torch.cuda.synchronize()
@@ -220,7 +226,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
             block_table=t(block_table, torch.int32), slot_mapping=t(slot_mapping, torch.int64),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
+            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
+            num_decodes=_leading_ones(q_lens) if self.split_decodes else 0)
         input_ids_t = t(input_ids, torch.int64)
         pending = self._pending_inputs(reqs, qsl[1:] - 1)
         if pending is not None:
@@ -287,6 +294,12 @@ def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _leading_ones(q_lens: np.ndarray) -> int:
+    """How many rows at the front have query_len 1 (the scheduler puts decode rows first)."""
+    other = np.flatnonzero(q_lens != 1)
+    return int(other[0]) if len(other) else len(q_lens)
 
 
 def _block_table(reqs) -> np.ndarray:

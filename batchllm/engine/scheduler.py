@@ -19,7 +19,8 @@ _MAX_SKIPS = 512  # waiting requests looked past in one step while they wait on 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, num_new_tokens), batch order
+    # (request, num_new_tokens) in batch order: single-token rows (decodes) first, then prefill chunks
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -85,6 +86,7 @@ class Scheduler:
             out.scheduled.append((req, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        out.scheduled.sort(key=lambda rn: rn[1] != 1)  # single-token rows (decodes) first, order kept otherwise
         return out
 
     def _preempt(self, req: Request) -> None:

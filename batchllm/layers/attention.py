@@ -18,6 +18,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding (not written)
     max_query_len: int
     max_seq_len: int
+    num_decodes: int = 0  # the first num_decodes sequences have query_len 1 (the scheduler puts decodes first)
 
 
 def _standard_shape(num_blocks, block_size, num_kv_heads, head_dim) -> tuple:
@@ -35,7 +36,9 @@ class _Backend:
 
     def __call__(self, q, k, v, key_cache, value_cache, meta, scale, out):
         self.cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        extra = dict(max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len) if self.takes_max_lens else {}
+        extra = {}
+        if self.takes_max_lens:
+            extra = dict(max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, num_decodes=meta.num_decodes)
         return self.attend(q, key_cache, value_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
                            scale=scale, out=out, **extra)
 

@@ -103,7 +103,7 @@ class OutputSpec(_Section):
 
 
 class EngineSpec(_Section):
-    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)  # None: the engine's default (see EngineConfig)
     max_num_batched_tokens: Optional[int] = Field(default=None, ge=1)
     enable_prefix_caching: bool = True
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -84,6 +84,9 @@ def main():
         llm.scheduler.add_request(Request(next(added), rng.integers(10, vocab - 10, args.prompt).tolist(), sp))
 
     mixed_ms = [_timed_steps(llm, 5, swap) for _ in range(3)]
+    llm.runner.split_decodes = False  # the same steps with decode and prefill rows in one attention launch
+    out["mixed_one_launch_step_ms"] = statistics.median([_timed_steps(llm, 5, swap) for _ in range(3)])
+    llm.runner.split_decodes = True
     _sync()
     with torch.profiler.profile(activities=acts) as prof:
         swap()
@@ -95,6 +98,7 @@ def main():
     assert out["running"] == args.decode, out["running"]
 
     print(f"{out['card']}: {args.model}, {args.decode} decode rows at ~{args.context} tokens")
+    print(f"mixed step with decode and prefill rows in one attention launch: {out['mixed_one_launch_step_ms']:.2f} ms")
     for name in ("decode", "mixed"):
         print(f"\n{name} step: {out[name + '_step_ms']:.2f} ms (wall, back to back, median of 3 runs)")
         total = sum(r["ms_per_step"] for r in out[name + "_kernels"])

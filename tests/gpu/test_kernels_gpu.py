@@ -106,6 +106,16 @@ def test_mixed_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mixed_batch_decodes_first(dtype):
+    # the engine's order (decode rows first) with the decodes in their own launch
+    q_lens, ctx = _mixed_lens(5)
+    order = sorted(range(len(q_lens)), key=lambda i: q_lens[i] != 1)
+    q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+    b, hints = _batch(q_lens, ctx, dtype, seed=5)
+    _check(b, hints, dtype, num_decodes=q_lens.count(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_decode_block32(dtype):
     g = torch.Generator().manual_seed(2)
     ctx = torch.randint(1, 8192, (64,), generator=g).tolist()

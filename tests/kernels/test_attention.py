@@ -110,6 +110,20 @@ def test_scale_and_strided_query(device, paged_batch, relative_error):
     assert relative_error(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("num_decodes", [0, 2, 3])
+def test_decodes_first_in_their_own_launch(num_decodes, device, paged_batch, relative_error):
+    # the engine's mixed batches: decode rows first; num_decodes=0 is the single launch it replaces
+    q_lens, ctx_lens = [1, 1, 1, 12, 30, 5], [50, 3, 77, 0, 21, 16]
+    b = paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32, device, 11)
+    out = torch.full_like(b["query"], float("nan"))
+    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
+                      b["block_table"], out=out, max_query_len=30, max_seq_len=78, num_decodes=num_decodes)
+    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                    b["seq_lens"], b["block_table"])
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < 1e-4
+
+
 def test_split_dispatch_rule():
     # Decode-only, few (seq, kv head) pairs, long context: split to ~2 programs per SM.
     assert choose_num_kv_splits(4, 8, 1, 32768, num_sms=132) == 16
