@@ -21,6 +21,7 @@ How the work is cut:
   Used for decode-only batches with too few (sequence, KV head) pairs to fill the GPU and long contexts.
 """
 import functools
+import inspect
 import os
 
 import torch
@@ -28,6 +29,20 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+
+
+def _jit_varying(ints=(), pointers=()):
+    """triton.jit that does not specialise on arguments that change from step to step: the sequence count,
+    the block table's width, and pointers into slices of a step's metadata (the decode/prefill split).
+    Otherwise each new (value == 1, value % 16, pointer % 16) combination compiles the kernel again, a
+    ~0.5 s stall in the middle of a run. None of them feeds a vectorised access."""
+    params = inspect.signature(triton.jit).parameters
+    kw = {"do_not_specialize": list(ints)}
+    if "do_not_specialize_on_alignment" in params:
+        kw["do_not_specialize_on_alignment"] = list(ints) + list(pointers)
+    else:
+        kw["do_not_specialize"] += list(pointers)
+    return triton.jit(**kw)
 
 
 @triton.jit
@@ -50,7 +65,7 @@ def _find_seq(
     return lo - 1
 
 
-@triton.jit
+@_jit_varying(ints=("num_seqs", "stride_bt"), pointers=("query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr"))
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]                  written when NUM_SEGMENTS == 1
     part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] fp32      written when NUM_SEGMENTS > 1
@@ -238,7 +253,7 @@ def _attend_rows(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@_jit_varying(ints=("num_seqs",), pointers=("query_start_loc_ptr",))
 def _reduce_segments_kernel(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] fp32
@@ -366,7 +381,7 @@ def unified_attention(
         common = dict(scale=scale, max_seq_len=max_seq_len, config=config)
         unified_attention(query[:num_decodes], key_cache, value_cache, query_start_loc[: num_decodes + 1],
                           seq_lens[:num_decodes], block_table[:num_decodes], out=out[:num_decodes],
-                          max_query_len=1, **common)
+                          max_query_len=1, num_kv_splits=1, **common)  # one variant: no split-KV compiles mid-run
         unified_attention(query[num_decodes:], key_cache, value_cache, query_start_loc[num_decodes:] - num_decodes,
                           seq_lens[num_decodes:], block_table[num_decodes:], out=out[num_decodes:],
                           max_query_len=max_query_len, num_kv_splits=num_kv_splits, **common)
