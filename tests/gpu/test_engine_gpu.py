@@ -1,6 +1,7 @@
 """The CUDA engine (Triton attention, CUDA graphs) against HF transformers on random-weight models.
 
 fp32: token-exact greedy, through chunked prefill, preemption and graph-replayed decode.
+Mixed steps of every shape: no attention kernel compiled after warm-up.
 bf16: the first token's top-20 logprobs close to HF's.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
 """
@@ -53,3 +54,37 @@ def test_bf16_logprobs_close_to_hf(tiny_model_factory):
             for tok, lp in o.logprobs[0].items():
                 worst = max(worst, abs(lp - ref[tok].item()))
     assert worst < 0.15, worst
+
+
+def _compiled_variants(*kernels) -> int:
+    """Compiled variants of Triton kernels in this process (JITFunction.device_caches: Triton >= 3.2)."""
+    total = 0
+    for k in kernels:
+        caches = getattr(k, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton keeps its compiled kernels elsewhere: cannot count variants")
+        total += sum(len(c[0]) for c in caches.values())
+    return total
+
+
+def test_mixed_steps_compile_no_new_attention_variants(tiny_model_factory):
+    # Mixed steps change their decode count, sequence count and block-table width every step; none of it
+    # may compile the attention kernel again once the engine is warm (a mid-run compile stalls ~0.5 s).
+    from batchllm import LLM, SamplingParams
+    from batchllm.kernels import attention
+
+    llm = LLM(tiny_model_factory("llama"), device="cuda", dtype="bfloat16", num_kv_blocks=512, max_num_seqs=8)
+    g = torch.Generator().manual_seed(3)
+
+    def run(n, lo, hi):  # prompts of >= 32 tokens: every prefill launch takes the same 32-token tile
+        lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+        prompts = [torch.randint(3, 500, (L,), generator=g).tolist() for L in lens]
+        outs = [int(x) for x in torch.randint(3, 20, (n,), generator=g)]
+        return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in outs])
+
+    run(12, 32, 64)  # warm: pure prefill, mixed and decode steps
+    before = _compiled_variants(attention._unified_attention_kernel, attention._reduce_segments_kernel)
+    outs = run(48, 32, 160)
+    after = _compiled_variants(attention._unified_attention_kernel, attention._reduce_segments_kernel)
+    assert all(o.finish_reason == "length" for o in outs)
+    assert after == before, f"{after - before} attention kernel variants compiled after warm-up"
