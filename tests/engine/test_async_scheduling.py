@@ -62,10 +62,9 @@ def test_async_matches_sync(tiny_model_dir, device):
     eos = sorted(counts, key=counts.get)[-2:]
     # a small pool and budget: preemption, chunked prefill and mixed steps
     args = dict(eos=eos, device=device, num_kv_blocks=24, block_size=8, max_num_batched_tokens=64, max_num_seqs=8)
+    if device == "cuda":  # a warm-up of the same shapes: kernels compiled or tuned on first use are settled
+        _run(tiny_model_dir, False, **args)
     sync, sync_stats = _run(tiny_model_dir, False, **args)
-    if device == "cuda":  # first tell nondeterministic kernels (compiled or tuned on first use) from this change
-        again, _ = _run(tiny_model_dir, False, **args)
-        assert again == sync, "two synchronous runs differ: the kernels are not deterministic here"
     asyn, async_stats = _run(tiny_model_dir, True, **args)
     diff = [(i, a, b) for i, (a, b) in enumerate(zip(asyn, sync)) if a != b]
     assert not diff, f"{len(diff)} outputs differ; first: #{diff[0][0]} async {diff[0][1][:2]} sync {diff[0][2][:2]}"
