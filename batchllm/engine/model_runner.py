@@ -1,6 +1,8 @@
 """The model runner: owns the device, the weights, the paged KV tensors, and turns one scheduled step into
 sampled tokens. Builds the flat batch with numpy (no Python loop over tokens), runs the model, computes
-logits only for the rows that sample, and syncs with the host once per step.
+logits only for the rows that sample. `execute` only queues the step; `fetch` is the one wait on the device,
+so the next step can be launched first (asynchronous scheduling). A PENDING input token is read on the device
+from the previous step's sampled tokens.
 """
 import itertools
 import logging
