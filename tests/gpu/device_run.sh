@@ -50,6 +50,7 @@ if [ "$phase" = final ]; then  # session 3 on an H100: tests, the issue-3 runs w
     --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | tail -n 10
   $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 8
   python3 tests/gpu/step_profile.py --model llama3-8b 2>&1 | grep -v "^USDT" | tail -n 46
+  python3 tests/gpu/overlap_bench.py 2>&1 | tail -n 12
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --max-num-seqs 256 --json "$OUT/llama3-8b-256.json" 2>&1 | tail -n 12
 fi
