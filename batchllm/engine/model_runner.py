@@ -113,14 +113,13 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
         """Peak bytes of one full-budget step (weights included): a forward over max_num_batched_tokens tokens
-        with a throwaway KV cache, logits and sampling for max_num_seqs rows."""
+        with a throwaway KV cache, logits and sampling for max_num_seqs rows. The step is mixed (decode rows,
+        then prefill chunks), so it also compiles the attention kernels a mixed step takes, before any timing."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.token_budget()
-        num_seqs = max(1, min(self._seqs_bound(), tokens // 2))
-        per_seq = tokens // num_seqs
-        q_lens = np.full(num_seqs, per_seq, dtype=np.int64)
-        q_lens[-1] += tokens - per_seq * num_seqs
+        q_lens, num_decodes = profile_q_lens(tokens, max(1, min(self._seqs_bound(), tokens // 2)))
+        num_seqs = len(q_lens)
         blocks = -(-q_lens // self.block_size)
         h = self.hf_config
         kv_heads = getattr(h, "num_key_value_heads", None) or h.num_attention_heads
@@ -142,7 +141,8 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(q_lens, dtype=torch.int32, device=dev),
             block_table=torch.tensor(table, device=dev), slot_mapping=torch.tensor(slots, device=dev),
-            max_query_len=int(q_lens.max()), max_seq_len=int(q_lens.max()))
+            max_query_len=int(q_lens.max()), max_seq_len=int(q_lens.max()),
+            num_decodes=num_decodes if self.split_decodes else 0)
         ids = torch.randint(0, h.vocab_size, (tokens,), device=dev)
         hidden = self.model(ids, torch.tensor(positions, device=dev), meta)
         rows = torch.arange(min(self._seqs_bound(), tokens), device=dev)
@@ -296,6 +296,21 @@ def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def profile_q_lens(tokens: int, num_seqs: int) -> tuple[np.ndarray, int]:
+    """Query lengths of the profiling step, `tokens` in all over `num_seqs` sequences: the first half are decode
+    rows (one token each) when the rest can still take >= 2 tokens each, then prefill chunks sharing the rest.
+    -> (q_lens, number of decode rows)."""
+    num_decodes = num_seqs // 2
+    if tokens - num_decodes < 2 * (num_seqs - num_decodes):
+        num_decodes = 0
+    rest = num_seqs - num_decodes
+    per = (tokens - num_decodes) // rest
+    q_lens = np.ones(num_seqs, dtype=np.int64)
+    q_lens[num_decodes:] = per
+    q_lens[-1] += tokens - num_decodes - per * rest
+    return q_lens, num_decodes
 
 
 def _leading_ones(q_lens: np.ndarray) -> int:
