@@ -37,11 +37,11 @@ def _workload(tokenizer_vocab=500, n=24, seed=0):
     return prompts, params
 
 
-def _run(tiny_model_dir, async_scheduling, eos=None, device="cpu", **engine_args):
+def _run(tiny_model_dir, async_scheduling, eos=None, device="cpu", seed=0, **engine_args):
     llm = LLM(tiny_model_dir, device=device, dtype="float32", async_scheduling=async_scheduling, **engine_args)
     if eos is not None:
         llm.scheduler.eos_token_ids = frozenset(eos)
-    prompts, params = _workload()
+    prompts, params = _workload(seed=seed)
     outs = llm.generate(prompts, params)
     # not num_cached_tokens: prefix hits depend on when blocks are registered and evicted, which differs
     return [(o.token_ids, o.finish_reason, o.text, o.logprobs) for o in outs], llm.stats()
@@ -74,6 +74,22 @@ def test_async_matches_sync(tiny_model_dir, device):
     assert async_stats["num_preemptions"] > 0 and async_stats["prefix_cache_hits"] > 0
     assert async_stats["generation_tokens"] == sync_stats["generation_tokens"]
     assert not any(PENDING in toks for toks, *_ in asyn)
+
+
+@pytest.mark.parametrize("seed, block_size, budget, blocks, seqs", [
+    (1, 16, 32, 16, 4), (2, 8, 128, 40, 8), (3, 8, 48, 20, 6), (4, 16, 256, 64, 16)])
+def test_async_matches_sync_across_settings(tiny_model_dir, seed, block_size, budget, blocks, seqs):
+    free, _ = _run(tiny_model_dir, False, eos=[], seed=seed, num_kv_blocks=256)
+    counts = {}
+    for toks, *_ in free:
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+    args = dict(eos=sorted(counts, key=counts.get)[-1:], seed=seed, num_kv_blocks=blocks, block_size=block_size,
+                max_num_batched_tokens=budget, max_num_seqs=seqs)
+    sync, _ = _run(tiny_model_dir, False, **args)
+    asyn, _ = _run(tiny_model_dir, True, **args)
+    diff = [(i, a, b) for i, (a, b) in enumerate(zip(asyn, sync)) if a != b]
+    assert not diff, f"{len(diff)} outputs differ; first: #{diff[0][0]} async {diff[0][1][:2]} sync {diff[0][2][:2]}"
 
 
 def test_next_step_launches_before_tokens_return(tiny_model_dir):
