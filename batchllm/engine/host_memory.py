@@ -1,6 +1,6 @@
 """Host memory: glibc malloc settings for the CPU engine, and page-locked staging for copies to the GPU.
 
-`to_device` stages a step's host arrays in page-locked memory. A non_blocking copy from pageable memory can
+`to_device` stages a step's host arrays in page-locked memory, and `to_host` copies a result back into it. A non_blocking copy from pageable memory can
 wait for the stream to drain (the driver stages it itself), which would stall asynchronous scheduling: the
 next step's launch would wait for the running one. torch's caching host allocator keeps each staging block
 until its copy has run, so a block is never overwritten early.
@@ -52,3 +52,10 @@ def to_device(a: np.ndarray, device: torch.device, dtype: torch.dtype | None = N
         src = torch.from_numpy(a)
         return src.to(dtype=dtype or src.dtype)
     return pinned(a, dtype).to(device, non_blocking=True)
+
+
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """A page-locked host copy of the GPU tensor x, filled behind the work queued so far (wait on an event)."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host

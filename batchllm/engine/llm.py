@@ -13,7 +13,7 @@ from typing import Any
 
 from batchllm.engine.config import EngineConfig
 from batchllm.engine.kv_cache_manager import KVCacheManager
-from batchllm.engine.request import PENDING, Request, RequestOutput, RequestStatus
+from batchllm.engine.request import Request, RequestOutput, RequestStatus
 from batchllm.engine.sampling import SamplingParams
 from batchllm.engine.scheduler import Scheduler
 
@@ -186,10 +186,7 @@ class LLM:
 
     def _collect(self, sampling, result) -> list[RequestOutput]:
         tokens, logprobs = self.runner.fetch(result)
-        for (req, i), lp in zip(sampling, logprobs):
-            if lp is not None and req.logprobs is not None and i < len(req.token_ids) and req.token_ids[i] == PENDING:
-                req.logprobs.append(lp)
-        advanced = self.scheduler.update_from_output(sampling, tokens)
+        advanced = self.scheduler.update_from_output(sampling, tokens, logprobs)
         self._generation_tokens += len(advanced)
         done = []
         for req in advanced:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from batchllm.engine.config import MAX_AUTO_SEQS, EngineConfig
-from batchllm.engine.host_memory import to_device
+from batchllm.engine.host_memory import to_device, to_host
 from batchllm.engine.request import PENDING
 from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
@@ -255,7 +255,7 @@ class ModelRunner:
         self._prev_index = {r.request_id: i for i, r in enumerate(reqs)}
         if self.device.type != "cuda":
             return ModelRunnerOutput(reqs, tokens, logprobs, None)
-        host = [_pinned_copy(x) for x in (tokens, *(logprobs or ()))]
+        host = [to_host(x) for x in (tokens, *(logprobs or ()))]
         ready = torch.cuda.Event()
         ready.record()
         return ModelRunnerOutput(reqs, host[0], tuple(host[1:]) or None, ready)
@@ -281,12 +281,6 @@ class ModelRunnerOutput:
     tokens: torch.Tensor | None  # [len(reqs)] int64, on the host (pinned) once `ready` has passed
     logprobs: tuple | None  # Sampler._logprobs' tensors, on the host likewise
     ready: object  # torch.cuda.Event recorded after the copies, or None on the CPU
-
-
-def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    return host
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -115,14 +115,18 @@ class Scheduler:
                 self.finish_request(req, RequestStatus.FINISHED_LENGTH)
         return sampling
 
-    def update_from_output(self, sampling: list[tuple[Request, int]], tokens: list[int]) -> list[Request]:
-        """Fill in a step's sampled tokens. Returns the requests that received one; a token-level stop finishes
-        its request, and a token sampled after a stop (by a step launched before it was known) is dropped."""
+    def update_from_output(self, sampling: list[tuple[Request, int]], tokens: list[int],
+                           logprobs: list[dict | None] | None = None) -> list[Request]:
+        """Fill in a step's sampled tokens (and logprob dicts, one per row or None). Returns the requests that
+        received one; a token-level stop finishes its request, and a token sampled after a stop (by a step
+        launched before it was known) is dropped with its logprobs."""
         advanced = []
-        for (req, i), tok in zip(sampling, tokens):
+        for k, ((req, i), tok) in enumerate(zip(sampling, tokens)):
             if i >= len(req.token_ids) or req.token_ids[i] != PENDING:
                 continue  # the request stopped at an earlier token
             req.token_ids[i] = tok
+            if logprobs is not None and logprobs[k] is not None and req.logprobs is not None:
+                req.logprobs.append(logprobs[k])
             advanced.append(req)
             sp = req.sampling_params
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
