@@ -9,7 +9,7 @@ engine, this measures it for one llama3-8b layer on this card:
              without an SM carve-out for the matmuls (torch's cuBLAS SM carve-out, where the build has it)
 overlap = (attention + matmuls - concurrent) / min(attention, matmuls): 0 = none, 1 = the shorter one is free.
 
-    PYTHONPATH=$PWD python tests/gpu/overlap_bench.py        # writes overlap_bench.json to $OUT (or .)
+    PYTHONPATH=$PWD python tests/gpu/overlap_bench.py        # writes overlap_bench.json to $OUT (or out/)
 """
 import datetime
 import json
@@ -124,7 +124,9 @@ def main():
                   f"overlap {row['overlap']:.2f}")
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "rows": rows}
-    with open(os.path.join(os.environ.get("OUT") or ".", "overlap_bench.json"), "w") as f:
+    out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "overlap_bench.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 

@@ -7,7 +7,7 @@ Builds `--decode` running requests at about `--context` tokens each (prefilled f
 steps, then adds one `--prompt`-token request so that the next step mixes its prefill with the decode rows,
 as the 1000-prompt benchmark's 626 mixed steps do. Steps are timed back to back (the median of 3 runs of
 5-10 steps, so that asynchronous scheduling overlaps as it does in a real run) and profiled apart; the
-kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or .).
+kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or out/).
 """
 import argparse
 import json
@@ -105,7 +105,9 @@ def main():
         print(f"  kernels {total:.2f} ms of CUDA time a step")
         for r in out[name + "_kernels"][:18]:
             print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f}x  {r['kernel']}")
-    dest = os.path.join(os.environ.get("OUT", "."), "step_profile.json")
+    out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
+    os.makedirs(out_dir, exist_ok=True)
+    dest = os.path.join(out_dir, "step_profile.json")
     with open(dest, "w") as f:
         json.dump(out, f, indent=1)
 
