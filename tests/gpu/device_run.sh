@@ -42,13 +42,15 @@ if [ "$phase" = batch ]; then  # larger decode batches, and where a step's time 
   done
   python3 tests/gpu/step_profile.py --model llama3-8b 2>&1 | grep -v "^USDT" | tail -n 50
 fi
-if [ "$phase" = final ]; then  # session 3 on an H100: tests, the issue-3 runs with defaults, the step split
+if [ "$phase" = final ]; then  # sessions 3-4 on an H100: GPU tests and the issue-3 runs with defaults
   python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | tail -n 10
   $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 8
+fi
+if [ "$phase" = final2 ]; then  # the step split, the two-stream overlap question, and the 256-sequence baseline
   python3 tests/gpu/step_profile.py --model llama3-8b 2>&1 | grep -v "^USDT" | tail -n 46
   python3 tests/gpu/overlap_bench.py 2>&1 | tail -n 12
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
