@@ -141,13 +141,16 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
     """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline."""
     peak_flops = peaks["peak_tflops"] * 1e12
     peak_bw = peaks["peak_bw_gbs"] * 1e9
-    total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = 0.0
+    total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = t_serial_decode = 0.0
     bound_compute = 0
     for s in steps:
         p = step_parts(shape, s.starts, s.q_lens, s.num_sampled)
         flops, nbytes = p["matmul_flops"] + p["attention_flops"], p["weight_bytes"] + p["kv_bytes"]
-        t_serial += (max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw)
-                     + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw))
+        serial = (max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw)
+                  + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw))
+        t_serial += serial
+        if (s.q_lens == 1).all():
+            t_serial_decode += serial
         tc, tm = flops / peak_flops, nbytes / peak_bw
         total_flops += flops
         total_bytes += nbytes
@@ -162,6 +165,7 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
         "bytes": total_bytes,
         "roofline_s": t_roof,
         "serial_roofline_s": t_serial,  # one kernel at a time: matmuls, then attention
+        "serial_decode_s": t_serial_decode,  # of which the steps of decode rows only
         "compute_s": t_compute,  # if every step were compute bound
         "memory_s": t_memory,  # if every step were memory bound
         "compute_bound_steps": int(bound_compute),

@@ -47,6 +47,17 @@ def _run(tiny_model_dir, async_scheduling, eos=None, device="cpu", seed=0, **eng
     return [(o.token_ids, o.finish_reason, o.text, o.logprobs) for o in outs], llm.stats()
 
 
+def _differ(a, b, atol: float) -> bool:
+    """Whether two outputs differ: tokens, finish reason, text and logprob keys exactly, logprob values by atol.
+
+    On CUDA the two engines batch differently (async carries a stopped request one step longer), and cuBLAS
+    picks its kernel by batch size, so fp32 logits move in the last bits; on the CPU they must be equal."""
+    if a[:3] != b[:3] or (a[3] is None) != (b[3] is None):
+        return True
+    return a[3] is not None and any(x.keys() != y.keys() or any(abs(x[k] - y[k]) > atol for k in x)
+                                    for x, y in zip(a[3], b[3], strict=True))
+
+
 _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                          reason="needs a CUDA GPU")])
 
@@ -66,8 +77,9 @@ def test_async_matches_sync(tiny_model_dir, device):
         _run(tiny_model_dir, False, **args)
     sync, sync_stats = _run(tiny_model_dir, False, **args)
     asyn, async_stats = _run(tiny_model_dir, True, **args)
-    diff = [(i, a, b) for i, (a, b) in enumerate(zip(asyn, sync)) if a != b]
-    assert not diff, f"{len(diff)} outputs differ; first: #{diff[0][0]} async {diff[0][1][:2]} sync {diff[0][2][:2]}"
+    atol = 1e-4 if device == "cuda" else 0.0
+    diff = [(i, a, b) for i, (a, b) in enumerate(zip(asyn, sync)) if _differ(a, b, atol)]
+    assert not diff, f"{len(diff)} outputs differ; first: #{diff[0][0]} async {diff[0][1]} sync {diff[0][2]}"
     reasons = {r for _, r, *_ in sync}
     assert reasons == {"stop", "length"}
     assert any(r == "stop" and lp is None and len(t) < 30 for t, r, _, lp in sync)  # an EOS or stop string

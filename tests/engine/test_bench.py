@@ -104,6 +104,12 @@ def test_step_costs_by_hand():
     assert est["serial_roofline_s"] == pytest.approx(matmul_s + attention_s)
     assert est["roofline_s"] == pytest.approx(max(flops, nbytes) / 1000)
     assert est["roofline_s"] <= est["serial_roofline_s"] <= est["compute_s"] + est["memory_s"]
+    assert est["serial_decode_s"] == 0.0  # a mixed step
+    decode = type("S", (), {"starts": np.array([5, 9]), "q_lens": np.array([1, 1]), "num_sampled": 2})
+    est = bench_roofline.roofline(shape, [step, decode, decode], peaks, elapsed_s=100.0)
+    one = bench_roofline.roofline(shape, [decode], peaks, elapsed_s=100.0)["serial_roofline_s"]
+    assert est["serial_decode_s"] == pytest.approx(2 * one)
+    assert est["serial_roofline_s"] == pytest.approx(matmul_s + attention_s + 2 * one)
 
 
 def test_png_needs_matplotlib_or_draws(tiny_model_dir, tmp_path):

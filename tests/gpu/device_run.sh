@@ -56,6 +56,12 @@ if [ "$phase" = final2 ]; then  # the step split, the two-stream overlap questio
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --max-num-seqs 256 --json "$OUT/llama3-8b-256.json" 2>&1 | tail -n 12
 fi
+if [ "$phase" = s4 ]; then  # session 4: GPU tests, finer graph sizes on the default run, the overlap launch order
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 30 | tee "$OUT/gpu_tests.log"
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
+  python3 tests/gpu/overlap_bench.py 2>&1 | grep -v Warning | tail -n 32
+fi
 if [ "$phase" = tune ]; then
   CUDA_LAUNCH_BLOCKING=1 $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 40
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \

@@ -6,7 +6,8 @@ engine, this measures it for one llama3-8b layer on this card:
   attention  decode attention of 256 sequences at 900 tokens of context (unified_attention, bf16)
   matmuls    one layer's matmuls (QKV, O, gate/up, down) for T prefill tokens, T in 256, 512, 1024
   serial     the two on one stream; concurrent: attention on a second stream beside the matmuls, with and
-             without an SM carve-out for the matmuls (torch's cuBLAS SM carve-out, where the build has it)
+             without an SM carve-out for the matmuls (torch's cuBLAS SM carve-out, where the build has it),
+             launched attention first or matmuls first (a kernel launched first takes every SM it can fill)
 overlap = (attention + matmuls - concurrent) / min(attention, matmuls): 0 = none, 1 = the shorter one is free.
 
     PYTHONPATH=$PWD python tests/gpu/overlap_bench.py        # writes overlap_bench.json to $OUT (or out/)
@@ -102,26 +103,34 @@ def main():
             mm()
             attn()
 
-        def concurrent():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                attn()
-            mm()
-            torch.cuda.current_stream().wait_stream(side)
+        def concurrent(matmuls_first: bool):
+            def run():
+                side.wait_stream(torch.cuda.current_stream())
+                if matmuls_first:  # the matmuls take their SMs first; attention gets the carved-out ones
+                    mm()
+                with torch.cuda.stream(side):
+                    attn()
+                if not matmuls_first:
+                    mm()
+                torch.cuda.current_stream().wait_stream(side)
+            return run
 
         t_serial = timed(serial)
-        for carve in (0, 16, 32):
+        for carve in (0, 16, 32, 48, 66):
             if carve and not _carveout(carve):
                 continue
-            t_conc = timed(concurrent)
+            t_mm_carved = timed(mm)  # alone: does the carve-out reach these kernels at all?
+            for first in ("attention", "matmuls"):
+                t_conc = timed(concurrent(first == "matmuls"))
+                row = {"tokens": tokens, "carveout_sms": carve, "first": first, "attention_ms": t_attn,
+                       "matmuls_ms": t_mm, "matmuls_carved_ms": t_mm_carved, "matmul_tflops": flops / t_mm / 1e9,
+                       "serial_ms": t_serial, "concurrent_ms": t_conc,
+                       "overlap": (t_attn + t_mm - t_conc) / min(t_attn, t_mm)}
+                rows.append(row)
+                print(f"T={tokens:5d} carve-out {carve:2d} SMs, {first:9s} first: attention {t_attn:.3f} + matmuls "
+                      f"{t_mm:.3f} ms ({row['matmul_tflops']:.0f} TFLOP/s; carved alone {t_mm_carved:.3f}) = "
+                      f"serial {t_serial:.3f}, concurrent {t_conc:.3f} ms, overlap {row['overlap']:.2f}")
             _carveout(0)
-            row = {"tokens": tokens, "carveout_sms": carve, "attention_ms": t_attn, "matmuls_ms": t_mm,
-                   "matmul_tflops": flops / t_mm / 1e9, "serial_ms": t_serial, "concurrent_ms": t_conc,
-                   "overlap": (t_attn + t_mm - t_conc) / min(t_attn, t_mm)}
-            rows.append(row)
-            print(f"T={tokens:5d} carve-out {carve:2d} SMs: attention {t_attn:.3f} + matmuls {t_mm:.3f} ms "
-                  f"({row['matmul_tflops']:.0f} TFLOP/s) = serial {t_serial:.3f}, concurrent {t_conc:.3f} ms, "
-                  f"overlap {row['overlap']:.2f}")
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "rows": rows}
     out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
