@@ -103,6 +103,9 @@ def print_throughput(r: dict) -> None:
              f"measured/roofline {100 * f['efficiency']:.1f}%")
         echo(f"one kernel at a time (matmuls, then attention): {f['serial_roofline_s']:.2f} s "
              f"({f['serial_roofline_output_tok_s']:.0f} out tok/s); measured/that {100 * f['serial_efficiency']:.1f}%")
+        if "serial_floor_s" in f:
+            echo(f"  any batch size (weight reads free): {f['serial_floor_s']:.2f} s "
+                 f"({e['output_tokens'] / f['serial_floor_s']:.0f} out tok/s)")
         if "serial_decode_s" in f:
             echo(f"  of that: decode steps {f['serial_decode_s']:.2f} s (measured {e['decode_s']:.2f} s), "
                  f"prefill/mixed steps {f['serial_roofline_s'] - f['serial_decode_s']:.2f} s "

@@ -18,7 +18,9 @@ measured time (1.0 = at the hardware limit). Activations, the embedding gather a
 max() over a whole step assumes its bandwidth-bound attention overlaps its compute-bound matmuls. An engine that
 runs one kernel at a time (batchllm today, vLLM) cannot do that; its bound is the "serial" roofline, per step
   max(matmul FLOPs / peak, weight bytes / bandwidth) + max(attention FLOPs / peak, K/V bytes / bandwidth).
-Both are reported; `efficiency` is against the first.
+Both are reported; `efficiency` is against the first. A third figure, the serial floor, is the serial bound
+with the weights' reads left out, as in steps large enough to be compute-bound: no batch size or schedule
+gets a one-kernel-at-a-time engine under it (the workload's FLOPs at peak, then its K/V at bandwidth).
 """
 import time
 from dataclasses import dataclass
@@ -141,7 +143,7 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
     """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline."""
     peak_flops = peaks["peak_tflops"] * 1e12
     peak_bw = peaks["peak_bw_gbs"] * 1e9
-    total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = t_serial_decode = 0.0
+    total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = t_serial_decode = t_floor = 0.0
     bound_compute = 0
     for s in steps:
         p = step_parts(shape, s.starts, s.q_lens, s.num_sampled)
@@ -149,6 +151,7 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
         serial = (max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw)
                   + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw))
         t_serial += serial
+        t_floor += p["matmul_flops"] / peak_flops + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw)
         if (s.q_lens == 1).all():
             t_serial_decode += serial
         tc, tm = flops / peak_flops, nbytes / peak_bw
@@ -166,6 +169,7 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
         "roofline_s": t_roof,
         "serial_roofline_s": t_serial,  # one kernel at a time: matmuls, then attention
         "serial_decode_s": t_serial_decode,  # of which the steps of decode rows only
+        "serial_floor_s": t_floor,  # the serial bound with free weight reads, as at a batch large enough
         "compute_s": t_compute,  # if every step were compute bound
         "memory_s": t_memory,  # if every step were memory bound
         "compute_bound_steps": int(bound_compute),

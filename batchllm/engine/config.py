@@ -14,7 +14,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-MAX_AUTO_SEQS = 512  # the largest running batch chosen by default (max_num_seqs_for)
+MAX_AUTO_SEQS = 1024  # the largest running batch chosen by default (max_num_seqs_for)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class EngineConfig:
 
     def max_num_seqs_for(self, kv_pool_tokens: int) -> int:
         """The running-batch cap. On CUDA by default: as many sequences as the KV pool holds at 1,024 tokens
-        each, within 256..512 (graphs are captured up to 512 rows). Big pools gain from a big batch (decode
+        each, within 256..1024 (graphs are captured up to 1,024 rows). Big pools gain from a big batch (decode
         matmuls become compute-bound, the weights are read once for more tokens); a cap beyond what the pool
         holds only buys preemptions. 256 on the CPU."""
         if self.max_num_seqs is not None:

@@ -105,6 +105,7 @@ def test_step_costs_by_hand():
     assert est["roofline_s"] == pytest.approx(max(flops, nbytes) / 1000)
     assert est["roofline_s"] <= est["serial_roofline_s"] <= est["compute_s"] + est["memory_s"]
     assert est["serial_decode_s"] == 0.0  # a mixed step
+    assert est["serial_floor_s"] == pytest.approx((2 * 1000 * 4 + 2 * 8 * 10 * 2) / 1000 + attention_s)
     decode = type("S", (), {"starts": np.array([5, 9]), "q_lens": np.array([1, 1]), "num_sampled": 2})
     est = bench_roofline.roofline(shape, [step, decode, decode], peaks, elapsed_s=100.0)
     one = bench_roofline.roofline(shape, [decode], peaks, elapsed_s=100.0)["serial_roofline_s"]
