@@ -8,6 +8,8 @@ engine, this measures it for one llama3-8b layer on this card:
   serial     the two on one stream; concurrent: attention on a second stream beside the matmuls, with and
              without an SM carve-out for the matmuls (torch's cuBLAS SM carve-out, where the build has it),
              launched attention first or matmuls first (a kernel launched first takes every SM it can fill)
+  SM-limited the same matmuls through a persistent Triton GEMM whose grid is the SMs it may hold (132..80),
+             launched first, attention beside it on the SMs left (NanoFlow's way of sharing the card)
 overlap = (attention + matmuls - concurrent) / min(attention, matmuls): 0 = none, 1 = the shorter one is free.
 
     PYTHONPATH=$PWD python tests/gpu/overlap_bench.py        # writes overlap_bench.json to $OUT (or out/)
