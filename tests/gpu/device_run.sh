@@ -62,6 +62,11 @@ if [ "$phase" = s4 ]; then  # session 4: GPU tests, finer graph sizes on the def
     --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
   python3 tests/gpu/overlap_bench.py 2>&1 | grep -v Warning | tail -n 32
 fi
+if [ "$phase" = s4b ]; then  # session 4's last tree on an H100: GPU tests, the default run with the serial floor
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 30 | tee "$OUT/gpu_tests.log"
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
+fi
 if [ "$phase" = seqs ]; then  # session 4 on an H200: is 512 the right cap when the KV pool is not full?
   for n in 512 768 1024; do
     $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
