@@ -69,8 +69,13 @@ class ModelRunner:
         self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self._prev_index: dict = {}  # request_id -> its row in _prev_tokens
         self.split_decodes = True  # mixed batches: decode rows in their own attention launch (False: one launch)
-        self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
-        self.max_num_seqs = config.max_num_seqs_for(self.num_kv_blocks * self.block_size)
+        if config.num_kv_blocks:
+            self.num_kv_blocks = config.num_kv_blocks
+            self.max_num_seqs = config.max_num_seqs_for(self.num_kv_blocks * self.block_size)
+        else:
+            self.num_kv_blocks, self.max_num_seqs = size_pool(
+                self._blocks_from_memory, lambda blocks: config.max_num_seqs_for(blocks * self.block_size),
+                self._seqs_bound(), again=self.device.type == "cuda")
         self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -90,10 +95,11 @@ class ModelRunner:
             else:
                 p.normal_(0.0, 0.02, generator=g)
 
-    def _blocks_from_memory(self) -> int:
+    def _blocks_from_memory(self, rows: int) -> int:
+        """KV blocks that fit beside the weights and the peak of a step sampling `rows` rows."""
         per_block = kv_bytes_per_block(self.hf_config, self.block_size, self.dtype)
         if self.device.type == "cuda":
-            peak = self._profile_peak_memory()
+            peak = self._profile_peak_memory(rows)
             free, total = torch.cuda.mem_get_info(self.device)
             others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
             budget = total * self.config.gpu_memory_utilization - others - peak - (256 << 20)  # graphs, slack
@@ -111,14 +117,14 @@ class ModelRunner:
         return self.config.max_num_seqs or MAX_AUTO_SEQS
 
     @torch.inference_mode()
-    def _profile_peak_memory(self) -> int:
+    def _profile_peak_memory(self, rows: int) -> int:
         """Peak bytes of one full-budget step (weights included): a forward over max_num_batched_tokens tokens
-        with a throwaway KV cache, logits and sampling for max_num_seqs rows. The step is mixed (decode rows,
+        with a throwaway KV cache, logits and sampling for `rows` rows (max_num_seqs). The step is mixed (decode rows,
         then prefill chunks), so it also compiles the attention kernels a mixed step takes, before any timing."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.token_budget()
-        q_lens, num_decodes = profile_q_lens(tokens, max(1, min(self._seqs_bound(), tokens // 2)))
+        q_lens, num_decodes = profile_q_lens(tokens, max(1, min(rows, tokens // 2)))
         num_seqs = len(q_lens)
         blocks = -(-q_lens // self.block_size)
         h = self.hf_config
@@ -145,8 +151,7 @@ class ModelRunner:
             num_decodes=num_decodes if self.split_decodes else 0)
         ids = torch.randint(0, h.vocab_size, (tokens,), device=dev)
         hidden = self.model(ids, torch.tensor(positions, device=dev), meta)
-        rows = torch.arange(min(self._seqs_bound(), tokens), device=dev)
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.model.compute_logits(hidden[: min(rows, tokens)])
         logits.sort(dim=-1)  # top-k/top-p sampling sorts the logits
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -290,6 +295,27 @@ def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def size_pool(blocks_for_rows, cap_for_blocks, bound: int, again: bool) -> tuple[int, int]:
+    """(KV blocks, max_num_seqs) when the two depend on each other. The pool is what memory leaves beside a
+    step that samples the cap's rows; logits and their sort grow with the rows (~4.6 MB a row at llama3's
+    128k vocabulary, measured on an H100), and the cap follows the pool. Measured at `bound` rows first; when
+    the cap comes out lower, measured `again` at that cap, and between the two the pool is linear in the
+    rows: the cap is the largest that the pool left beside its own rows supports."""
+    blocks = blocks_for_rows(bound)
+    seqs = cap_for_blocks(blocks)
+    if not again or seqs >= bound:
+        return blocks, seqs
+    first, base = seqs, blocks_for_rows(seqs)
+    per_row = max(0.0, (base - blocks) / (bound - first))  # blocks that one more sampled row costs
+
+    def pool(rows):
+        return int(base - (rows - first) * per_row)
+
+    while seqs < bound and cap_for_blocks(pool(seqs + 1)) >= seqs + 1:
+        seqs += 1
+    return pool(seqs), seqs
 
 
 def profile_q_lens(tokens: int, num_seqs: int) -> tuple[np.ndarray, int]:
