@@ -199,8 +199,8 @@ def main():
             print(f"T={tokens:5d} Triton matmuls on {programs:3d} SMs: {t_mm:.3f} ms (cuBLAS {t_blas:.3f}; rel err "
                   f"{err:.1e}), + attention {t_attn:.3f} -> concurrent {t_conc:.3f} ms, overlap {row['overlap']:.2f}, "
                   f"cuBLAS serial / this {row['gain_vs_cublas_serial']:.2f}x")
-    result = {"device": props.name, "sm_split": split_rows, "sms": props.multi_processor_count, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
+    result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows, "sm_split": split_rows}
     out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "overlap_bench.json"), "w") as f:
