@@ -5,8 +5,8 @@
         --input-len-range 100 1024 --output-len-range 100 1024 --baseline hf --json out.json --png out.png
     batchllm bench prefix --model llama3-8b                # 512 x (1000 shared + 100 unique) tokens, 50 out
 
-Prompts are random token ids in [10, vocab - 10), greedy, ignore_eos, so every request makes exactly its
-requested output. `--model` is a path, an alias (smollm2-135m) or a random-weight preset (llama3-8b,
+Prompts are random token ids in [10, vocab - 10), greedy (or `--temperature T`), ignore_eos, so every request
+makes exactly its requested output. `--model` is a path, an alias (smollm2-135m) or a random-weight preset (llama3-8b,
 llama3.2-1b, qwen3-0.6b: weights made on the device, nothing downloaded).
 
 The engine runs and its steps are timed in bench_run.py; the roofline is bench_roofline.py, the HF baseline
@@ -102,6 +102,8 @@ def bench():
 @click.option("--output-len-range", type=(int, int), default=(16, 128), show_default=True)
 @click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
               help="hf: HF transformers generate on a sample of the same prompts, in this process.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0: greedy; above 0 the engine samples (on the device), as most jobs do.")
 @click.option("--hf-sample", type=int, default=None, help="Prompts for the baseline [all on CPU, 64 on GPU].")
 @click.option("--hf-batch-size", type=int, default=None, help="Static batch size [16 on CPU, 64 on GPU].")
 @click.option("--roofline/--no-roofline", default=True, show_default=True,
@@ -109,7 +111,7 @@ def bench():
 @click.option("--profile", is_flag=True, help="Print a torch.profiler summary of the engine run.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, help="Bar chart (matplotlib).")
 def throughput(model, num_prompts, input_len, input_len_range, output_len, output_len_range, seed, warmup, baseline,
-               hf_sample, hf_batch_size, roofline, profile, json_path, png_path, threads, **engine_kw):
+               temperature, hf_sample, hf_batch_size, roofline, profile, json_path, png_path, threads, **engine_kw):
     """Random-token prompts through the engine: output, total and request throughput."""
     import torch
 
@@ -117,6 +119,10 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
         raise click.BadParameter("must be >= 1", param_hint="--num-prompts")
     in_spec = _len_spec(input_len, input_len_range, "input-len")
     out_spec = _len_spec(output_len, output_len_range, "output-len")
+    if temperature < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--temperature")
+    if temperature > 0 and baseline == "hf":
+        raise click.BadParameter("the HF baseline runs greedy: use --temperature 0", param_hint="--baseline")
     if png_path:
         write_png(None, None)  # fail now, not after the run, when matplotlib is missing
     device = torch.device(_resolve_device(engine_kw["device"]))
@@ -136,12 +142,13 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
         "env": environment(device),
         "workload": {"num_prompts": num_prompts, "input_len": in_spec, "output_len": out_spec, "seed": seed,
                      "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(out_lens), "ignore_eos": True,
-                     "temperature": 0.0},
+                     "temperature": temperature},
         "engine_args": {"max_num_seqs": llm.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
                         "num_kv_blocks": llm.runner.num_kv_blocks, "block_size": llm.config.block_size,
                         "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len},
     }
-    result["engine"] = eng = run_engine(llm, prompts, out_lens, warmup=warmup, profile=profile)
+    result["engine"] = eng = run_engine(llm, prompts, out_lens, warmup=warmup, profile=profile,
+                                            temperature=temperature)
     if peaks is not None:
         from batchllm.bench_roofline import ModelShape
         from batchllm.bench_roofline import roofline as estimate

@@ -75,8 +75,9 @@ def print_throughput(r: dict) -> None:
     where = env["card"] + (f", {env['threads']} threads, load {env['loadavg_1m']:.2f}" if "threads" in env else "")
     echo = click.echo
     echo(f"model {r['model']} ({r['dtype']}) on {env['device']}: {where}")
+    sampling = f"temperature {w['temperature']:g}" if w.get("temperature") else "greedy"
     echo(f"workload: {w['num_prompts']} prompts, input {_span(w['input_len'])} ({w['prompt_tokens']} tokens), "
-         f"output {_span(w['output_len'])} ({w['output_tokens']} tokens), greedy, ignore_eos, seed {w['seed']}")
+         f"output {_span(w['output_len'])} ({w['output_tokens']} tokens), {sampling}, ignore_eos, seed {w['seed']}")
     echo(f"{'':22}{'elapsed s':>10}{'out tok/s':>11}{'total tok/s':>13}{'req/s':>8}")
     echo(f"{'engine':22}{e['elapsed_s']:>10.2f}{e['output_tok_s']:>11.1f}{e['total_tok_s']:>13.1f}"
          f"{e['requests_s']:>8.2f}")

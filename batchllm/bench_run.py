@@ -128,14 +128,15 @@ class StepTimer:
         }
 
 
-def run_engine(llm, prompts, output_lens, warmup: int = 4, profile: bool = False) -> dict:
-    """Generate `prompts` (token ids) greedily with ignore_eos; -> throughput, step split, engine stats."""
+def run_engine(llm, prompts, output_lens, warmup: int = 4, profile: bool = False, temperature: float = 0.0) -> dict:
+    """Generate `prompts` (token ids) with ignore_eos, greedy or at `temperature`; -> throughput, step split,
+    engine stats."""
     from batchllm.engine.sampling import SamplingParams
 
     if warmup:  # first-call costs (allocator, kernel compiles, graph capture) stay out of the figure
         wp, wo = make_workload(llm.hf_config.vocab_size, warmup, 16, 4, seed=12345)
         llm.generate(wp, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in wo])
-    sps = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in output_lens]
+    sps = [SamplingParams(max_tokens=o, temperature=temperature, ignore_eos=True) for o in output_lens]
     before = llm.stats()
     timer = StepTimer(llm, profile=profile)
     prof = None

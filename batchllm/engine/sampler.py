@@ -4,9 +4,18 @@ Rows are independent: a seeded request draws its noise from its own generator, s
 text whatever else shares the batch. Sampling is an exponential race (argmax of probs / Exp(1) noise),
 which equals a categorical draw and needs no host round trip.
 """
+import numpy as np
 import torch
 
+from batchllm.engine.host_memory import to_device
 from batchllm.engine.request import Request
+
+
+def _per_row(values, dtype, device) -> torch.Tensor:
+    """A small per-row parameter tensor on the device, through page-locked memory: torch.tensor(list,
+    device=cuda) copies from pageable memory and waits for the stream, which would make the next step's
+    launch wait for the running step (asynchronous scheduling lost for every sampled workload)."""
+    return to_device(np.asarray(values), device, dtype)
 
 
 class Sampler:
@@ -24,7 +33,7 @@ class Sampler:
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
-            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            greedy = _per_row([p.greedy for p in params], torch.bool, logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, reqs, params))
         if all(p.logprobs is None for p in params):
             return tokens, None
@@ -33,16 +42,16 @@ class Sampler:
     def _sample(self, logits, reqs, params):
         n, vocab = logits.shape
         dev = logits.device
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        temp = _per_row([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.dtype, dev)
         x = logits / temp[:, None]
         top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
         if any(k < vocab for k in top_k) or any(q < 1.0 for q in top_p):
-            x = _top_k_top_p(x, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev))
+            x = _top_k_top_p(x, _per_row(top_k, torch.int64, dev), _per_row(top_p, x.dtype, dev))
         probs = x.softmax(dim=-1)
         if any(m > 0 for m in min_p):
-            floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
+            floor = _per_row(min_p, probs.dtype, dev)[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < floor, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):

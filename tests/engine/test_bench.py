@@ -86,6 +86,21 @@ def test_fixed_lengths_and_bad_arguments(tiny_model_dir):
     assert r.exit_code == 2 and "Error" in r.output
 
 
+def test_sampled_workload(tiny_model_dir, tmp_path):
+    out = tmp_path / "s.json"
+    r = _run(["throughput", "--model", str(tiny_model_dir), "--device", "cpu", "--num-prompts", "6", "--input-len",
+              "9", "--output-len-range", "3", "8", "--temperature", "0.8", "--no-roofline", "--warmup", "0",
+              "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "temperature 0.8, ignore_eos" in r.output
+    d = json.loads(out.read_text())
+    assert d["workload"]["temperature"] == 0.8 and d["engine"]["output_tokens"] == d["workload"]["output_tokens"]
+    for bad, hint in ((["--temperature", "-1"], "--temperature"), (["--temperature", "1", "--baseline", "hf"],
+                                                                   "--baseline")):
+        r = _run(["throughput", "--model", str(tiny_model_dir), "--device", "cpu", "--no-roofline", *bad])
+        assert r.exit_code == 2 and hint in r.output, r.output
+
+
 def test_step_costs_by_hand():
     shape = bench_roofline.ModelShape(dense_params=1000, hidden=8, vocab=10, layers=2, heads=2, kv_heads=1,
                                       head_dim=4, elt=2)

@@ -67,6 +67,21 @@ if [ "$phase" = s4b ]; then  # session 4's last tree on an H100: GPU tests, the 
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/llama3-8b.json" 2>&1 | tail -n 12
 fi
+if [ "$phase" = sample ]; then  # session 4: sampled workloads, the page-locked sampler against the one before
+  # (.ab/sampler_before.py: batchllm/engine/sampler.py at 27e43e7, carried as an ignored path)
+  Q="$B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 --output-len-range 100 1024"
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  python3 -m pytest -m gpu tests/gpu/test_engine_gpu.py -k sampler -q -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/tests.log"
+  $Q --json "$OUT/qwen3-greedy.json" 2>&1 | sed -n 3,5p
+  $Q --temperature 0.8 --json "$OUT/qwen3-sampled.json" 2>&1 | sed -n 2,5p
+  $L --temperature 0.8 --json "$OUT/llama3-8b-sampled.json" 2>&1 | sed -n 2,5p
+  if [ -f .ab/sampler_before.py ]; then
+    cp .ab/sampler_before.py batchllm/engine/sampler.py
+    python3 -m pytest -m gpu tests/gpu/test_engine_gpu.py -k sampler -q -p no:cacheprovider 2>&1 | grep -E "passed|failed|Error" | tail -n 3 | tee -a "$OUT/tests.log"
+    $Q --temperature 0.8 --json "$OUT/qwen3-sampled-before.json" 2>&1 | sed -n 3,5p
+    $L --temperature 0.8 --json "$OUT/llama3-8b-sampled-before.json" 2>&1 | sed -n 3,5p
+  fi
+fi
 if [ "$phase" = seqs ]; then  # session 4 on an H200: is 512 the right cap when the KV pool is not full?
   for n in 512 768 1024; do
     $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \

@@ -2,7 +2,7 @@
 
 fp32: token-exact greedy, through chunked prefill, preemption and graph-replayed decode.
 Mixed steps of every shape: no attention kernel compiled after warm-up. Graphs above 512 rows equal eager.
-bf16: the first token's top-20 logprobs close to HF's.
+bf16: the first token's top-20 logprobs close to HF's. The sampler queues its work without waiting.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
 """
 import pytest
@@ -109,3 +109,28 @@ def test_graphs_above_512_rows_match_eager(tiny_model_factory):
     ref = eager.generate(prompts, sp)
     diff = [i for i, (a, b) in enumerate(zip(outs, ref)) if a.token_ids != b.token_ids]
     assert not diff, f"{len(diff)} of 650 differ; first #{diff[0]}"
+
+
+def test_sampler_does_not_wait_for_the_device():
+    # Per-row sampling parameters reach the GPU through page-locked copies: torch.tensor(list, device="cuda")
+    # copies from pageable memory and waits for the stream, so every sampled step's launch would wait for the
+    # running step and asynchronous scheduling would be lost.
+    from batchllm import SamplingParams
+    from batchllm.engine.request import Request
+    from batchllm.engine.sampler import Sampler
+
+    params = [SamplingParams(temperature=0.8, top_k=50), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=3, logprobs=2),
+              SamplingParams(temperature=0.5, top_p=0.5)]
+    reqs = [Request(i, [1, 2, 3], p) for i, p in enumerate(params)]
+    sampler = Sampler(torch.device("cuda"))
+    logits = torch.randn(len(reqs), 1000, device="cuda")
+    sampler(logits, reqs)  # first use: the seeded request's generator, kernel loads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens, logprobs = sampler(logits, reqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (4,) and int(tokens[1]) == int(logits[1].argmax())
+    assert logprobs is not None
