@@ -14,7 +14,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-MAX_AUTO_SEQS = 1024  # the largest running batch chosen by default (max_num_seqs_for)
+MIN_AUTO_SEQS, MAX_AUTO_SEQS = 256, 1024  # the running batch chosen by default on CUDA (max_num_seqs_for)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class EngineConfig:
             return self.max_num_seqs
         if not self.resolved_device().startswith("cuda"):
             return 256
-        return max(256, min(MAX_AUTO_SEQS, kv_pool_tokens // 1024))
+        return max(MIN_AUTO_SEQS, min(MAX_AUTO_SEQS, kv_pool_tokens // 1024))
 
     def token_budget(self) -> int:
         if self.max_num_batched_tokens is not None:

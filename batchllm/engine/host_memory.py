@@ -1,9 +1,10 @@
 """Host memory: glibc malloc settings for the CPU engine, and page-locked staging for copies to the GPU.
 
-`to_device` stages a step's host arrays in page-locked memory, and `to_host` copies a result back into it. A non_blocking copy from pageable memory can
-wait for the stream to drain (the driver stages it itself), which would stall asynchronous scheduling: the
-next step's launch would wait for the running one. torch's caching host allocator keeps each staging block
-until its copy has run, so a block is never overwritten early.
+`to_device` stages a step's host arrays in page-locked memory, and `to_host` copies a result back into it.
+A copy from pageable memory can wait for the stream to drain (the driver stages it itself; a blocking one
+always does), which would stall asynchronous scheduling: the next step's launch would wait for the running
+one. torch's caching host allocator keeps each staging block until its copy has run, so a block is never
+overwritten early.
 
 glibc:
 A prefill step allocates activations of several MB per op ([2048, 3072] bf16 is 12 MB). glibc serves blocks that

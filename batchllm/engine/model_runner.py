@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchllm.engine.config import MAX_AUTO_SEQS, EngineConfig
+from batchllm.engine.config import MAX_AUTO_SEQS, MIN_AUTO_SEQS, EngineConfig
 from batchllm.engine.host_memory import to_device, to_host
 from batchllm.engine.request import PENDING
 from batchllm.engine.sampler import Sampler, logprob_dicts
@@ -69,13 +69,13 @@ class ModelRunner:
         self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self._prev_index: dict = {}  # request_id -> its row in _prev_tokens
         self.split_decodes = True  # mixed batches: decode rows in their own attention launch (False: one launch)
-        if config.num_kv_blocks:
-            self.num_kv_blocks = config.num_kv_blocks
+        if config.num_kv_blocks or config.max_num_seqs or self.device.type != "cuda":
+            self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory(self._seqs_bound())
             self.max_num_seqs = config.max_num_seqs_for(self.num_kv_blocks * self.block_size)
-        else:
+        else:  # the default cap follows the pool, and the pool leaves room for the cap's rows
             self.num_kv_blocks, self.max_num_seqs = size_pool(
                 self._blocks_from_memory, lambda blocks: config.max_num_seqs_for(blocks * self.block_size),
-                self._seqs_bound(), again=self.device.type == "cuda")
+                MIN_AUTO_SEQS, MAX_AUTO_SEQS)
         self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -297,23 +297,23 @@ def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
-def size_pool(blocks_for_rows, cap_for_blocks, bound: int, again: bool) -> tuple[int, int]:
-    """(KV blocks, max_num_seqs) when the two depend on each other. The pool is what memory leaves beside a
-    step that samples the cap's rows; logits and their sort grow with the rows (~4.6 MB a row at llama3's
-    128k vocabulary, measured on an H100), and the cap follows the pool. Measured at `bound` rows first; when
-    the cap comes out lower, measured `again` at that cap, and between the two the pool is linear in the
-    rows: the cap is the largest that the pool left beside its own rows supports."""
-    blocks = blocks_for_rows(bound)
-    seqs = cap_for_blocks(blocks)
-    if not again or seqs >= bound:
-        return blocks, seqs
-    first, base = seqs, blocks_for_rows(seqs)
-    per_row = max(0.0, (base - blocks) / (bound - first))  # blocks that one more sampled row costs
+def size_pool(blocks_for_rows, cap_for_blocks, lo: int, hi: int) -> tuple[int, int]:
+    """(KV blocks, max_num_seqs) when the cap follows the pool and the pool leaves room for the cap's rows: the
+    start-up step samples logits for them (~4.6 MB a row at llama3's 128k vocabulary, measured on an H100).
+    Measured at `lo` rows (the smallest cap); more rows only shrink the pool, so the cap that pool gives is the
+    most there can be. If that is above `lo`, measured again there, and between the two the pool is linear in
+    the rows: the cap is the largest that the pool left beside its own rows supports, within lo..hi."""
+    blocks = blocks_for_rows(lo)
+    top = min(hi, cap_for_blocks(blocks))
+    if top <= lo:
+        return blocks, cap_for_blocks(blocks)
+    per_row = max(0.0, (blocks - blocks_for_rows(top)) / (top - lo))  # blocks that one sampled row costs
 
     def pool(rows):
-        return int(base - (rows - first) * per_row)
+        return int(blocks - (rows - lo) * per_row)
 
-    while seqs < bound and cap_for_blocks(pool(seqs + 1)) >= seqs + 1:
+    seqs = lo
+    while seqs < top and cap_for_blocks(pool(seqs + 1)) >= seqs + 1:
         seqs += 1
     return pool(seqs), seqs
 

@@ -22,7 +22,7 @@ def test_leading_ones():
     assert _leading_ones(np.array([3, 1])) == 0
 
 
-def test_size_pool_measures_again_at_a_lower_cap():
+def test_size_pool_cap_and_pool_agree():
     from batchllm.engine.model_runner import size_pool
 
     calls = []
@@ -34,13 +34,13 @@ def test_size_pool_measures_again_at_a_lower_cap():
     def cap(blocks):  # as EngineConfig.max_num_seqs_for, 16-token blocks
         return max(256, min(1024, blocks * 16 // 1024))
 
-    # sampling 1,024 rows leaves 27,952 blocks, a cap of 436; measured again at 436 rows: 29,128 blocks. The
-    # largest consistent cap: (30,000 - 2s) * 16 / 1,024 >= s, so s = 454 with 29,092 blocks
-    assert size_pool(blocks_for_rows, cap, 1024, again=True) == (29_092, 454)
-    assert calls == [1024, 436]
+    # 256 rows leave 29,488 blocks, a cap of 460 at most; measured again at 460 rows. The largest consistent
+    # cap: (30,000 - 2s) * 16 / 1,024 >= s, so s = 454 with 29,092 blocks
+    assert size_pool(blocks_for_rows, cap, 256, 1024) == (29_092, 454)
+    assert calls == [256, 460]
     assert cap(29_092) == 454 and cap(30_000 - 2 * 455) < 455
     calls.clear()
-    assert size_pool(blocks_for_rows, cap, 1024, again=False) == (27_952, 436)  # the CPU: one pass
-    assert calls == [1024]
-    assert size_pool(lambda rows: 10**6, cap, 1024, again=True) == (10**6, 1024)  # the cap reaches the bound
-    assert size_pool(lambda rows: 10_000, cap, 1024, again=True) == (10_000, 256)  # rows cost nothing: floor
+    # a small card: 256 rows leave room for no more than the smallest cap, measured once
+    assert size_pool(lambda rows: calls.append(rows) or 9_000 - rows, cap, 256, 1024) == (8_744, 256)
+    assert calls == [256]
+    assert size_pool(lambda rows: 10**6, cap, 256, 1024) == (10**6, 1024)  # a big pool: the cap's top
