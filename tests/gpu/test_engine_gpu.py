@@ -2,7 +2,7 @@
 
 fp32: token-exact greedy, through chunked prefill, preemption and graph-replayed decode.
 Mixed steps of every shape: no attention kernel compiled after warm-up. Graphs above 512 rows equal eager.
-bf16: the first token's top-20 logprobs close to HF's. The sampler queues its work without waiting.
+bf16: the first token's top-20 logprobs close to HF's. Neither the sampler nor any engine step waits for the device.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
 """
 import pytest
@@ -134,3 +134,44 @@ def test_sampler_does_not_wait_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert tokens.shape == (4,) and int(tokens[1]) == int(logits[1].argmax())
     assert logprobs is not None
+
+
+def test_engine_steps_never_wait_for_the_device(tiny_model_factory):
+    # Asynchronous scheduling holds only if launching a step never waits on the GPU: every copy in goes
+    # through page-locked memory and nothing reads a device value back. ModelRunner.execute runs under sync
+    # debug mode "error" through prefill, mixed and graph-replayed decode steps, greedy and sampled, top-p,
+    # seeded, with logprobs.
+    from batchllm import LLM, SamplingParams
+
+    llm = LLM(tiny_model_factory("llama"), device="cuda", dtype="bfloat16", num_kv_blocks=256, max_num_seqs=16,
+              max_num_batched_tokens=64)
+    assert llm.async_scheduling and llm.runner.graphs is not None
+    g = torch.Generator().manual_seed(7)
+
+    def workload(n):
+        lens = torch.randint(20, 120, (n,), generator=g).tolist()
+        prompts = [torch.randint(3, 500, (L,), generator=g).tolist() for L in lens]
+        params = [SamplingParams(max_tokens=12, ignore_eos=True, temperature=0 if i % 3 == 0 else 0.8,
+                                 top_p=0.9 if i % 3 == 1 else 1.0, seed=i if i % 3 == 2 else None,
+                                 logprobs=2 if i % 4 == 0 else None) for i in range(n)]
+        return prompts, params
+
+    llm.generate(*workload(8))  # first use: compiles, graph replays, generators
+    execute = llm.runner.execute
+    checked_steps = []
+
+    def checked(out):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked_steps.append(len(out.scheduled))
+
+    llm.runner.execute = checked
+    try:
+        outs = llm.generate(*workload(24))
+    finally:
+        del llm.runner.execute
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert len(checked_steps) > 12 and max(checked_steps) == 16
