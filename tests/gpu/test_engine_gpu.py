@@ -166,7 +166,7 @@ def test_engine_steps_never_wait_for_the_device(tiny_model_factory):
             return execute(out)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            checked_steps.append(len(out.scheduled))
+            checked_steps.append(llm.runner._graphable(out))
 
     llm.runner.execute = checked
     try:
@@ -174,4 +174,4 @@ def test_engine_steps_never_wait_for_the_device(tiny_model_factory):
     finally:
         del llm.runner.execute
     assert all(len(o.token_ids) == 12 for o in outs)
-    assert len(checked_steps) > 12 and max(checked_steps) == 16
+    assert len(checked_steps) > 12 and any(checked_steps) and not all(checked_steps)  # graph replays and eager
