@@ -60,7 +60,9 @@ def test_throughput_json_and_hf_baseline(tiny_model_dir, tmp_path, small_peaks):
     assert f["params"] == dense + weights["model.embed_tokens.weight"].numel()
     assert 0 < f["efficiency"] and f["roofline_s"] > 0
     assert f["roofline_s"] <= f["serial_roofline_s"] and f["serial_efficiency"] >= f["efficiency"]
+    assert f["serial_floor_s"] <= f["serial_roofline_s"] and 0 <= f["serial_decode_s"] <= f["serial_roofline_s"]
     assert "engine" in r.output and "hf (5 prompts, bs 2)" in r.output
+    assert "any batch size (weight reads free)" in r.output and "of that: decode steps" in r.output
 
 
 def test_prefix_hit_rate_on_and_off(tiny_model_dir, tmp_path):
