@@ -148,10 +148,10 @@ def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> d
     for s in steps:
         p = step_parts(shape, s.starts, s.q_lens, s.num_sampled)
         flops, nbytes = p["matmul_flops"] + p["attention_flops"], p["weight_bytes"] + p["kv_bytes"]
-        serial = (max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw)
-                  + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw))
+        attention = max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw)
+        serial = max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw) + attention
         t_serial += serial
-        t_floor += p["matmul_flops"] / peak_flops + max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw)
+        t_floor += p["matmul_flops"] / peak_flops + attention
         if (s.q_lens == 1).all():
             t_serial_decode += serial
         tc, tm = flops / peak_flops, nbytes / peak_bw

@@ -13,7 +13,6 @@ import torch
 
 from batchllm.engine.config import MAX_AUTO_SEQS, MIN_AUTO_SEQS, EngineConfig
 from batchllm.engine.host_memory import to_device, to_host
-from batchllm.engine.request import PENDING
 from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata, make_backend
@@ -189,7 +188,7 @@ class ModelRunner:
     def _pending_inputs(self, reqs, last_index: np.ndarray):
         """Inputs that are the previous step's sampled tokens, still on the device (asynchronous scheduling):
         -> (their indices in this step's input_ids, the tokens from the previous step's output) or None."""
-        dst = [i for i, r in enumerate(reqs) if r.token_ids[-1] == PENDING]
+        dst = [i for i, r in enumerate(reqs) if r.has_pending]
         if not dst:
             return None
         src = [self._prev_index[reqs[i].request_id] for i in dst]

@@ -58,7 +58,7 @@ class Request:
 
     def drop_pending(self) -> None:
         """Forget a token sampled after the request stopped (its step launched before the stop was known)."""
-        if self.token_ids[-1] == PENDING and len(self.token_ids) > self.num_prompt_tokens:
+        if self.has_pending and len(self.token_ids) > self.num_prompt_tokens:
             self.token_ids.pop()
 
     @property

@@ -47,6 +47,15 @@ def _run(tiny_model_dir, async_scheduling, eos=None, device="cpu", seed=0, **eng
     return [(o.token_ids, o.finish_reason, o.text, o.logprobs) for o in outs], llm.stats()
 
 
+def _most_made(outputs, k: int) -> list[int]:
+    """The k tokens the engine made most often in `outputs` (_run's), as EOS that stops requests at many steps."""
+    counts = {}
+    for toks, *_ in outputs:
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+    return sorted(counts, key=counts.get)[-k:]
+
+
 def _differ(a, b, atol: float) -> bool:
     """Whether two outputs differ: tokens, finish reason, text and logprob keys exactly, logprob values by atol.
 
@@ -66,11 +75,7 @@ _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torc
 def test_async_matches_sync(tiny_model_dir, device):
     # EOS: two tokens the greedy model makes often, so that requests stop at many different steps
     free, _ = _run(tiny_model_dir, False, eos=[], device=device, num_kv_blocks=256)
-    counts = {}
-    for toks, *_ in free:
-        for t in toks:
-            counts[t] = counts.get(t, 0) + 1
-    eos = sorted(counts, key=counts.get)[-2:]
+    eos = _most_made(free, 2)
     # a small pool and budget: preemption, chunked prefill and mixed steps
     args = dict(eos=eos, device=device, num_kv_blocks=24, block_size=8, max_num_batched_tokens=64, max_num_seqs=8)
     if device == "cuda":  # a warm-up of the same shapes: kernels compiled or tuned on first use are settled
@@ -92,11 +97,7 @@ def test_async_matches_sync(tiny_model_dir, device):
     (1, 16, 32, 16, 4), (2, 8, 128, 40, 8), (3, 8, 48, 20, 6), (4, 16, 256, 64, 16)])
 def test_async_matches_sync_across_settings(tiny_model_dir, seed, block_size, budget, blocks, seqs):
     free, _ = _run(tiny_model_dir, False, eos=[], seed=seed, num_kv_blocks=256)
-    counts = {}
-    for toks, *_ in free:
-        for t in toks:
-            counts[t] = counts.get(t, 0) + 1
-    args = dict(eos=sorted(counts, key=counts.get)[-1:], seed=seed, num_kv_blocks=blocks, block_size=block_size,
+    args = dict(eos=_most_made(free, 1), seed=seed, num_kv_blocks=blocks, block_size=block_size,
                 max_num_batched_tokens=budget, max_num_seqs=seqs)
     sync, _ = _run(tiny_model_dir, False, **args)
     asyn, _ = _run(tiny_model_dir, True, **args)

@@ -11,13 +11,12 @@ and reports each shape's time against max(FLOPs / peak, bytes / bandwidth), with
     PYTHONPATH=$PWD python tests/gpu/matmul_bench.py      # writes matmul_bench.json to $OUT (or out/)
 """
 import datetime
-import json
-import os
 
 import torch
 from torch.nn import functional as F
 
 from batchllm.bench_roofline import measure_peaks
+from results import write_result  # tests/gpu/results.py, beside this script
 
 HIDDEN, INTER, QKV, VOCAB, LAYERS = 4096, 14336, 6144, 128256, 32
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER),
@@ -73,10 +72,7 @@ def main():
               f"cublas {step['cublas']:.2f} nn {step['nn']:.2f} ms")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **peaks,
               "date": datetime.date.today().isoformat(), "rows": rows}
-    out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "matmul_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result("matmul_bench.json", result)
 
 
 if __name__ == "__main__":

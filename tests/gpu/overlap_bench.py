@@ -15,14 +15,13 @@ overlap = (attention + matmuls - concurrent) / min(attention, matmuls): 0 = none
     PYTHONPATH=$PWD python tests/gpu/overlap_bench.py        # writes overlap_bench.json to $OUT (or out/)
 """
 import datetime
-import json
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from batchllm.kernels.attention import unified_attention
+from results import write_result  # tests/gpu/results.py, beside this script
 
 HIDDEN, INTER, H, KVH, D, BS = 4096, 14336, 32, 8, 128, 16
 DT = torch.bfloat16
@@ -64,11 +63,13 @@ def decode_attention(num_seqs=256, context=900):
     return run, kv_bytes
 
 
+LAYER_SHAPES = {"qkv": ((H + 2 * KVH) * D, HIDDEN), "o": (HIDDEN, H * D), "gate_up": (2 * INTER, HIDDEN),
+                "down": (HIDDEN, INTER)}  # one llama3-8b layer's weights, [out, in]
+
+
 def layer_matmuls(tokens):
     g = torch.Generator(device="cuda").manual_seed(1)
-    w = {name: torch.randn(shape, device="cuda", dtype=DT, generator=g) * 0.02 for name, shape in (
-        ("qkv", ((H + 2 * KVH) * D, HIDDEN)), ("o", (HIDDEN, H * D)), ("gate_up", (2 * INTER, HIDDEN)),
-        ("down", (HIDDEN, INTER)))}
+    w = {name: torch.randn(shape, device="cuda", dtype=DT, generator=g) * 0.02 for name, shape in LAYER_SHAPES.items()}
     x = torch.randn((tokens, HIDDEN), device="cuda", dtype=DT, generator=g)
     a = torch.randn((tokens, H * D), device="cuda", dtype=DT, generator=g)
     m = torch.randn((tokens, INTER), device="cuda", dtype=DT, generator=g)
@@ -104,7 +105,7 @@ def _persistent_matmul(x_ptr, w_ptr, y_ptr, M, N, K, BM: tl.constexpr, BN: tl.co
 def sm_limited_matmuls(tokens, programs):
     """One layer's matmuls (as layer_matmuls) through _persistent_matmul on `programs` SMs."""
     g = torch.Generator(device="cuda").manual_seed(1)
-    shapes = (((H + 2 * KVH) * D, HIDDEN), (HIDDEN, H * D), (2 * INTER, HIDDEN), (HIDDEN, INTER))
+    shapes = LAYER_SHAPES.values()
     w = [torch.randn(shape, device="cuda", dtype=DT, generator=g) * 0.02 for shape in shapes]
     xs = [torch.randn((tokens, shape[1]), device="cuda", dtype=DT, generator=g) for shape in shapes]
     ys = [torch.empty((tokens, shape[0]), device="cuda", dtype=DT) for shape in shapes]
@@ -116,9 +117,24 @@ def sm_limited_matmuls(tokens, programs):
                                             num_stages=3)
 
     run()
-    err = max(float((y.float() - torch.nn.functional.linear(x, wt).float()).abs().max()
-                    / torch.nn.functional.linear(x, wt).float().abs().max()) for x, wt, y in zip(xs, w, ys))
+    refs = [torch.nn.functional.linear(x, wt).float() for x, wt in zip(xs, w)]
+    err = max(float((y.float() - ref).abs().max() / ref.abs().max()) for y, ref in zip(ys, refs))
     return run, err
+
+
+def side_by_side(mm, attn, side: torch.cuda.Stream, matmuls_first: bool):
+    """mm on the current stream and attn on `side`, launched in that order or the other (a kernel launched
+    first takes every SM it can fill; a carve-out leaves the rest to attention)."""
+    def run():
+        side.wait_stream(torch.cuda.current_stream())
+        if matmuls_first:
+            mm()
+        with torch.cuda.stream(side):
+            attn()
+        if not matmuls_first:
+            mm()
+        torch.cuda.current_stream().wait_stream(side)
+    return run
 
 
 def _carveout(sms: int) -> bool:
@@ -145,25 +161,13 @@ def main():
             mm()
             attn()
 
-        def concurrent(matmuls_first: bool):
-            def run():
-                side.wait_stream(torch.cuda.current_stream())
-                if matmuls_first:  # the matmuls take their SMs first; attention gets the carved-out ones
-                    mm()
-                with torch.cuda.stream(side):
-                    attn()
-                if not matmuls_first:
-                    mm()
-                torch.cuda.current_stream().wait_stream(side)
-            return run
-
         t_serial = timed(serial)
         for carve in (0, 16, 32, 48, 66):
             if carve and not _carveout(carve):
                 continue
             t_mm_carved = timed(mm)  # alone: does the carve-out reach these kernels at all?
             for first in ("attention", "matmuls"):
-                t_conc = timed(concurrent(first == "matmuls"))
+                t_conc = timed(side_by_side(mm, attn, side, matmuls_first=first == "matmuls"))
                 row = {"tokens": tokens, "carveout_sms": carve, "first": first, "attention_ms": t_attn,
                        "matmuls_ms": t_mm, "matmuls_carved_ms": t_mm_carved, "matmul_tflops": flops / t_mm / 1e9,
                        "serial_ms": t_serial, "concurrent_ms": t_conc,
@@ -182,15 +186,7 @@ def main():
         for programs in (props.multi_processor_count, 112, 96, 80):
             mm, err = sm_limited_matmuls(tokens, programs)
             t_mm = timed(mm)
-
-            def conc():
-                side.wait_stream(torch.cuda.current_stream())
-                mm()
-                with torch.cuda.stream(side):
-                    attn()
-                torch.cuda.current_stream().wait_stream(side)
-
-            t_conc = timed(conc)
+            t_conc = timed(side_by_side(mm, attn, side, matmuls_first=True))
             row = {"tokens": tokens, "programs": programs, "matmuls_ms": t_mm, "cublas_matmuls_ms": t_blas,
                    "attention_ms": t_attn, "concurrent_ms": t_conc, "max_rel_err": err,
                    "overlap": (t_attn + t_mm - t_conc) / min(t_attn, t_mm),
@@ -201,10 +197,7 @@ def main():
                   f"cuBLAS serial / this {row['gain_vs_cublas_serial']:.2f}x")
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "rows": rows, "sm_split": split_rows}
-    out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "overlap_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result("overlap_bench.json", result)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ as the 1000-prompt benchmark's 626 mixed steps do. Steps are timed back to back 
 kernel table groups CUDA time by kernel name. Writes step_profile.json to $OUT (or out/).
 """
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -20,6 +18,7 @@ import torch
 
 from batchllm import LLM, SamplingParams
 from batchllm.engine.request import Request, RequestStatus
+from results import write_result  # tests/gpu/results.py, beside this script
 
 
 def _kernel_table(prof, steps: int) -> list[dict]:
@@ -105,11 +104,7 @@ def main():
         print(f"  kernels {total:.2f} ms of CUDA time a step")
         for r in out[name + "_kernels"][:18]:
             print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f}x  {r['kernel']}")
-    out_dir = os.environ.get("OUT") or "out"  # out/ is git-ignored
-    os.makedirs(out_dir, exist_ok=True)
-    dest = os.path.join(out_dir, "step_profile.json")
-    with open(dest, "w") as f:
-        json.dump(out, f, indent=1)
+    write_result("step_profile.json", out)
 
 
 if __name__ == "__main__":
