@@ -53,6 +53,10 @@ def _engine_options(f):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True),
+        click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+                     help="fp8: K/V stored in e4m3 (half the bytes of bf16; CUDA needs compute capability >= 8.9)."),
+        click.option("--quantization", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
+                     help="fp8: decoder weights in e4m3, fp8 matmuls (CUDA needs compute capability >= 8.9)."),
         click.option("--max-num-seqs", type=int, default=None),
         click.option("--max-num-batched-tokens", type=int, default=None),
         click.option("--num-kv-blocks", type=int, default=None),
@@ -70,9 +74,11 @@ def _engine_options(f):
     return f
 
 
-def _engine_args(device, dtype, max_num_seqs, max_num_batched_tokens, num_kv_blocks, max_model_len, enforce_eager,
-                 async_scheduling, **extra):
-    return dict(device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+def _engine_args(device, dtype, kv_cache_dtype, quantization, max_num_seqs, max_num_batched_tokens, num_kv_blocks, max_model_len,
+                 enforce_eager, async_scheduling, **extra):
+    return dict(device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
                 num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, enforce_eager=enforce_eager or None,
                 async_scheduling=async_scheduling, **extra)
 
@@ -133,7 +139,7 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
     if roofline:  # before the engine sizes its KV pool from the memory left
         from batchllm.bench_roofline import measure_peaks
 
-        peaks = measure_peaks(device, dtype)
+        peaks = measure_peaks(device, dtype, fp8=engine_kw["quantization"] == "fp8")
     llm = build_llm(model, **_engine_args(**engine_kw))
     prompts, out_lens = make_workload(llm.hf_config.vocab_size, num_prompts, in_spec, out_spec, seed)
     result = {
@@ -145,8 +151,14 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
                      "temperature": temperature},
         "engine_args": {"max_num_seqs": llm.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
                         "num_kv_blocks": llm.runner.num_kv_blocks, "block_size": llm.config.block_size,
-                        "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len},
+                        "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len,
+                        "kv_cache_dtype": str(llm.runner.kv_dtype).replace("torch.", ""),
+                        "quantization": llm.config.quantization},
     }
+    graphs = llm.runner.graphs
+    if graphs is not None and graphs.cost_ms is not None:  # each decode graph's time, and what each size pads to
+        result["graphs"] = {"sizes": graphs.sizes, "cost_ms": [round(c, 4) for c in graphs.cost_ms],
+                            "pads_to": [graphs.padded_size(s) for s in graphs.sizes]}
     result["engine"] = eng = run_engine(llm, prompts, out_lens, warmup=warmup, profile=profile,
                                             temperature=temperature)
     if peaks is not None:

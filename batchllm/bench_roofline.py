@@ -51,15 +51,23 @@ def _best_time(fn, device, iters: int, warmup: int = 2) -> float:
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None = None,
-                  copy_bytes: int | None = None) -> dict:
-    """Peak matmul FLOP/s and copy bandwidth on `device`, measured now. Frees what it allocates."""
+                  copy_bytes: int | None = None, fp8: bool = False) -> dict:
+    """Peak matmul FLOP/s and copy bandwidth on `device`, measured now. Frees what it allocates.
+    fp8: the matmul is the engine's fp8 one (quantization="fp8": e4m3 inputs, fp32 scales, `dtype` out)."""
     cuda = device.type == "cuda"
     n = matmul_n or (8192 if cuda else 2048)
     nbytes = copy_bytes or ((2 << 30) if cuda else (256 << 20))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    t_mm = _best_time(lambda: torch.matmul(a, b, out=c), device, iters=10 if cuda else 3)
+    if fp8:
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # b column-major, as _scaled_mm wants
+        sa = torch.ones(n, 1, device=device)
+        sb = torch.ones(1, n, device=device)
+        t_mm = _best_time(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=dtype), device,
+                          iters=10 if cuda else 3)
+    else:
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        t_mm = _best_time(lambda: torch.matmul(a, b, out=c), device, iters=10 if cuda else 3)
     a = b = c = None  # free before the copy buffers
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     src.fill_(1)
@@ -71,7 +79,8 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None
     return {
         "peak_tflops": 2 * n**3 / t_mm / 1e12,
         "peak_bw_gbs": 2 * nbytes / t_cp / 1e9,
-        "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""), "copy_bytes": nbytes,
+        "matmul_n": n, "matmul_dtype": "float8_e4m3fn" if fp8 else str(dtype).replace("torch.", ""),
+        "copy_bytes": nbytes,
     }
 
 
@@ -85,16 +94,20 @@ class ModelShape:
     heads: int
     kv_heads: int
     head_dim: int
-    elt: int  # bytes per weight / KV element
+    elt: int  # bytes per element of the model's dtype (the lm_head's weight)
+    kv_elt: int  # bytes per K/V element (1 with an fp8 KV cache)
+    dense_elt: int = 0  # bytes per dense (decoder matmul) weight element: 1 with fp8 weights; 0: elt
 
     @classmethod
-    def from_config(cls, cfg, dense_params: int, dtype: torch.dtype) -> "ModelShape":
+    def from_config(cls, cfg, dense_params: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
+                    dense_dtype: torch.dtype | None = None) -> "ModelShape":
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cls(dense_params=dense_params, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
                    layers=cfg.num_hidden_layers, heads=heads,
                    kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                   elt=torch.empty((), dtype=dtype).element_size())
+                   elt=dtype.itemsize, kv_elt=(kv_dtype or dtype).itemsize,
+                   dense_elt=(dense_dtype or dtype).itemsize)
 
     @classmethod
     def from_llm(cls, llm) -> "ModelShape":
@@ -103,15 +116,18 @@ class ModelShape:
                     if "embed_tokens" not in name and "lm_head" not in name)
         # weights reordered for the CPU's matmul (layers/linear.py) are no longer parameters
         dense += sum(m.packed.numel() for m in model.modules() if isinstance(m, MergedLinear) and m.packed is not None)
-        return cls.from_config(llm.hf_config, dense, llm.runner.dtype)
+        quantized = [m for m in model.modules() if isinstance(m, MergedLinear) and m.qweight is not None]
+        dense += sum(m.qweight.numel() for m in quantized)  # fp8 weights are no longer parameters either
+        return cls.from_config(llm.hf_config, dense, llm.runner.dtype, llm.runner.kv_dtype,
+                               torch.float8_e4m3fn if quantized else None)
 
     @property
     def weight_bytes(self) -> int:
-        return (self.dense_params + self.hidden * self.vocab) * self.elt  # lm_head read once per step
+        return self.dense_params * (self.dense_elt or self.elt) + self.hidden * self.vocab * self.elt  # lm_head once
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.elt
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_elt
 
     @property
     def params(self) -> int:

@@ -4,9 +4,16 @@ Same arguments and effect as `reference.reshape_and_cache`: token t's K/V go to 
 `slot_mapping[t]` = block * block_size + offset; slot -1 (CUDA-graph padding) writes nothing.
 One program copies one token's [num_kv_heads, head_dim] for both caches. Offsets are int64: a
 layer's cache can hold more than 2^31 elements.
+
+An fp8 cache (torch.float8_e4m3fn, kv_cache_dtype="fp8") stores each value rounded to nearest-even and
+saturated at +-448, as torch's cast of the clamped value does (reference.to_cache_dtype), through
+fp8.round_to_e4m3 (exact in Triton's interpreter too).
 """
+import torch
 import triton
 import triton.language as tl
+
+from batchllm.kernels.fp8 import round_to_e4m3
 
 
 @triton.jit
@@ -23,6 +30,7 @@ def _reshape_and_cache_kernel(
     stride_kcb, stride_kcs, stride_kch,  # key_cache strides (block, slot, head)
     stride_vcb, stride_vcs, stride_vch,  # value_cache strides (block, slot, head)
     BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,  # the caches are float8_e4m3fn
     HEADS_PAD: tl.constexpr,  # num_kv_heads rounded up to a power of 2
     DIM_PAD: tl.constexpr,  # head_dim rounded up to a power of 2
 ):
@@ -37,6 +45,9 @@ def _reshape_and_cache_kernel(
     mask = (h < num_kv_heads) & (d < head_dim)
     k = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:
+        k = round_to_e4m3(k)
+        v = round_to_e4m3(v)
     tl.store(
         key_cache_ptr + block * stride_kcb + in_block * stride_kcs + h * stride_kch + d,
         k.to(key_cache_ptr.dtype.element_ty),
@@ -53,7 +64,8 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     """Write new K/V rows into the paged cache in place.
 
     key, value: [num_tokens, num_kv_heads, head_dim] (any token/head strides); key_cache, value_cache:
-    [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64, -1 skipped.
+    [num_blocks, block_size, num_kv_heads, head_dim] in key's dtype or float8_e4m3fn; slot_mapping:
+    [num_tokens] int64, -1 skipped.
     """
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape or key_cache.shape[2:] != key.shape[1:] or value_cache.shape != key_cache.shape:
@@ -79,6 +91,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         BLOCK_SIZE=key_cache.shape[1],
+        FP8=key_cache.dtype == torch.float8_e4m3fn,
         HEADS_PAD=heads_pad,
         DIM_PAD=dim_pad,
         num_warps=4 if heads_pad * dim_pad >= 1024 else 1,

@@ -15,12 +15,25 @@ cache anywhere in the engine.
 import torch
 import torch.nn.functional as F
 
+def _storage(t: torch.Tensor) -> torch.dtype:
+    """The dtype to copy t's elements as: fp8 as bytes (torch's CPU index ops do not take fp8)."""
+    return torch.uint8 if t.dtype == torch.float8_e4m3fn else t.dtype
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: an fp8 (e4m3) cache saturates at +-448 (torch's own cast would give NaN)."""
+    if dtype == torch.float8_e4m3fn:
+        top = torch.finfo(dtype).max
+        return x.float().clamp(-top, top).to(dtype)
+    return x.to(dtype)
+
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     """Write new K/V rows into the paged cache.
 
     key, value: [num_tokens, num_kv_heads, head_dim]; key_cache, value_cache:
-    [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens], -1 skipped.
+    [num_blocks, block_size, num_kv_heads, head_dim], in key's dtype or float8_e4m3fn (to_cache_dtype);
+    slot_mapping: [num_tokens], -1 skipped.
     """
     num_blocks, block_size = key_cache.shape[:2]
     flat_k = key_cache.view(num_blocks * block_size, *key_cache.shape[2:])
@@ -29,8 +42,25 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     if slots.numel() and int(slots.min()) < 0:  # padding rows: drop them
         keep = slots >= 0
         slots, key, value = slots[keep], key[keep], value[keep]
-    flat_k.index_copy_(0, slots, key.to(key_cache.dtype))
-    flat_v.index_copy_(0, slots, value.to(value_cache.dtype))
+    flat_k.view(_storage(flat_k)).index_copy_(0, slots, to_cache_dtype(key, key_cache.dtype).view(_storage(flat_k)))
+    flat_v.view(_storage(flat_v)).index_copy_(0, slots, to_cache_dtype(value, value_cache.dtype).view(_storage(flat_v)))
+
+
+def fp8_row_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest power of 2 with amax <= 448 * scale, in fp32 (2^-100 for a row of zeros). A power of 2, so
+    x / scale is exact in any division (the GPU's fast one too) and the kernel and this reference agree bit for
+    bit; fp8's precision is relative, so it costs nothing but, at worst, the top binade's range."""
+    f, e = torch.frexp(amax.float())  # amax = f * 2^e, f in [0.5, 1)
+    e = torch.where(f <= 0.875, e - 9, e - 8)  # 448 = 0.875 * 2^9
+    e = torch.where(amax > 0, e, torch.full_like(e, -100)).clamp(-100, 127)
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), e)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], fp32 scales [M]) with x ~= q * scale per row (fp8_row_scales)."""
+    xf = x.float()
+    scale = fp8_row_scales(xf.abs().amax(-1))
+    return to_cache_dtype(xf / scale[:, None], torch.float8_e4m3fn), scale
 
 
 def _gather_tokens(cache, block_table, num_blocks):
@@ -40,7 +70,8 @@ def _gather_tokens(cache, block_table, num_blocks):
     masked by the caller)."""
     n = block_table.shape[0]
     idx = block_table[:, :num_blocks].reshape(-1).long().clamp(min=0)
-    return cache.index_select(0, idx).view(n, -1, *cache.shape[2:])
+    rows = cache.view(_storage(cache)).index_select(0, idx).view(cache.dtype)
+    return rows.view(n, -1, *cache.shape[2:])
 
 
 def _decode_group(q, k, v, mask, scale):

@@ -30,7 +30,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 4.0
-    quantization: str | None = None  # None | fp8 | awq
+    quantization: str | None = None  # None | fp8: weights stored in fp8 (e4m3), per-channel scales (batchllm/quant)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8: K/V stored in e4m3, half the bytes of bf16
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool | None = None  # None: on for CUDA (schedule step N+1 while step N runs), off on the CPU
     seed: int = 0
@@ -55,8 +56,12 @@ class EngineConfig:
             bad("max_model_len", "must be >= 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             bad("gpu_memory_utilization", "must be in (0, 1]")
-        if self.quantization not in (None, "none", "fp8", "awq"):
-            bad("quantization", "must be none, fp8 or awq")
+        if self.quantization == "awq":
+            bad("quantization", "AWQ checkpoints are not supported yet; use none or fp8")
+        if self.quantization not in (None, "none", "fp8"):
+            bad("quantization", "must be none or fp8")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            bad("kv_cache_dtype", "must be auto or fp8")
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -73,6 +78,11 @@ class EngineConfig:
                 return torch.bfloat16
             return torch.float32
         return getattr(torch, self.dtype)
+
+    def resolved_kv_cache_dtype(self):
+        import torch
+
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else self.resolved_dtype()
 
     def resolved_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:

@@ -1,7 +1,14 @@
 """CUDA graphs for decode steps: one graph per padded batch size, captured from the largest down into one
 memory pool. Inputs live in static device buffers; a replay copies the step's values in, pads the unused
 rows with slot -1 (the cache kernel skips it) and seq_len 1, and returns the hidden states of the real rows.
+
+Each graph's replay is timed after capture (`measure`), and a batch takes the fastest graph that fits it, not
+always the smallest: cuBLAS picks its tiles by size, so a step's cost is not monotone in its rows (llama3-8b on
+an H100: gate_up at 400 rows ran 384-row tiles, the second almost empty). Padded rows cost matmul work only;
+attention skips them.
 """
+import bisect
+
 import numpy as np
 import torch
 
@@ -15,6 +22,17 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 512, 16)) + list(range(512, 1025, 64))
     sizes = [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
     return sorted(set(sizes))
+
+
+def padding_table(cost: list[float], slack: float = 0.03) -> list[int]:
+    """For each size index i (sizes ascending, cost[i] its measured step time): the index to pad to, the
+    cheapest size at or above i when it is more than `slack` cheaper than i itself (noise stays at i)."""
+    table, best = [0] * len(cost), len(cost) - 1
+    for i in reversed(range(len(cost))):
+        if cost[i] <= cost[best]:
+            best = i
+        table[i] = best if cost[best] < (1 - slack) * cost[i] else i
+    return table
 
 
 class DecodeGraphs:
@@ -32,6 +50,8 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.cost_ms: list[float] | None = None  # per size, after measure()
+        self._pad = list(range(len(self.sizes)))  # size index -> the index it pads to (padding_table)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -58,11 +78,28 @@ class DecodeGraphs:
             self.graphs[bs] = g
         torch.cuda.synchronize()
 
+    @torch.inference_mode()
+    def measure(self, reps: int = 3) -> None:
+        """Time each graph's replay with every row padding (matmuls at full size, attention on nothing) and
+        set the padding table: ~3 replays a size, a few seconds for an 8B model."""
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cost = []
+        for bs in self.sizes:
+            self.graphs[bs].replay()  # warm
+            start.record()
+            for _ in range(reps):
+                self.graphs[bs].replay()
+            end.record()
+            end.synchronize()
+            cost.append(start.elapsed_time(end) / reps)
+        self.cost_ms = cost
+        self._pad = padding_table(cost)
+
     def padded_size(self, num_seqs: int) -> int | None:
-        for s in self.sizes:
-            if s >= num_seqs:
-                return s
-        return None
+        i = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[self._pad[i]] if i < len(self.sizes) else None
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, seq_lens: np.ndarray,
             block_table: np.ndarray, pending=None) -> torch.Tensor:

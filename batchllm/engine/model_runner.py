@@ -35,8 +35,18 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.resolved_device())
         self.dtype = config.resolved_dtype()
+        self.kv_dtype = config.resolved_kv_cache_dtype()
+        if self.kv_dtype == torch.float8_e4m3fn and self.device.type == "cuda":
+            cc = torch.cuda.get_device_capability(self.device)
+            if cc < (8, 9):
+                raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper);"
+                                 f" this one is {cc[0]}.{cc[1]}")
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        if config.quantization == "fp8":
+            from batchllm.quant import fp8
+
+            fp8.check_device(self.device, self.dtype)
         default = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -49,6 +59,10 @@ class ModelRunner:
         else:
             self.model.load_weights(weights)
         self.model.eval()
+        if config.quantization == "fp8":
+            from batchllm.quant import fp8
+
+            fp8.quantize_model(self.model)
         if self.device.type == "cpu":
             from batchllm.engine.host_memory import keep_freed_memory
             from batchllm.layers import fused
@@ -63,7 +77,7 @@ class ModelRunner:
 
             fused.enable_compile()
         for layer in self.model.attention_layers():
-            layer.backend = make_backend(backend, self.dtype)
+            layer.backend = make_backend(backend, self.dtype, self.kv_dtype)
         self.sampler = Sampler(self.device, config.seed)
         self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self._prev_index: dict = {}  # request_id -> its row in _prev_tokens
@@ -84,6 +98,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, min(self.max_num_seqs, MAX_AUTO_SEQS), max_blocks,
                                        max_model_len)
             self.graphs.capture()
+            self.graphs.measure()
 
     @torch.no_grad()
     def _random_init(self):
@@ -96,7 +111,7 @@ class ModelRunner:
 
     def _blocks_from_memory(self, rows: int) -> int:
         """KV blocks that fit beside the weights and the peak of a step sampling `rows` rows."""
-        per_block = kv_bytes_per_block(self.hf_config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.hf_config, self.block_size, self.kv_dtype)
         if self.device.type == "cuda":
             peak = self._profile_peak_memory(rows)
             free, total = torch.cuda.mem_get_info(self.device)
@@ -129,7 +144,7 @@ class ModelRunner:
         h = self.hf_config
         kv_heads = getattr(h, "num_key_value_heads", None) or h.num_attention_heads
         head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
-        cache = torch.empty((int(blocks.sum()), self.block_size, kv_heads, head_dim), dtype=self.dtype,
+        cache = torch.empty((int(blocks.sum()), self.block_size, kv_heads, head_dim), dtype=self.kv_dtype,
                             device=self.device)
         for layer in self.model.attention_layers():
             layer.key_cache = layer.value_cache = cache
@@ -171,8 +186,8 @@ class ModelRunner:
         # from uninitialised memory would be NaN
         for layer in self.model.attention_layers():
             key_shape = layer.backend.key_cache_shape(*shape)
-            layer.key_cache = _zeros(key_shape, self.dtype, self.device)
-            layer.value_cache = _zeros(shape, self.dtype, self.device)
+            layer.key_cache = _zeros(key_shape, self.kv_dtype, self.device)
+            layer.value_cache = _zeros(shape, self.kv_dtype, self.device)
             self.kv_caches.append((layer.key_cache, layer.value_cache))
 
     # -- one step ------------------------------------------------------------------------------

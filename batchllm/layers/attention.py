@@ -43,13 +43,13 @@ class _Backend:
                            scale=scale, out=out, **extra)
 
 
-def make_backend(name: str, dtype: torch.dtype | None = None) -> _Backend:
-    """name: 'torch' (the reference, any device), 'cpu' (the C kernels, where they take `dtype`, else the
-    reference) or 'triton' (CUDA)."""
+def make_backend(name: str, dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None) -> _Backend:
+    """name: 'torch' (the reference, any device), 'cpu' (the C kernels, where they take `dtype` and the cache is
+    in it too, else the reference) or 'triton' (CUDA). kv_dtype: the cache's dtype (None: dtype)."""
     if name == "cpu":
         from batchllm.kernels import cpu
 
-        if cpu.supports(dtype):
+        if cpu.supports(dtype) and kv_dtype in (None, dtype):
             return _Backend(cpu.reshape_and_cache, cpu.paged_attention, False, cpu.key_cache_shape)
         name = "torch"
     if name == "torch":

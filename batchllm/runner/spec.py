@@ -41,8 +41,15 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     source: str = Field(min_length=1)
-    quantization: Literal["none", "fp8", "awq"] = "none"
+    quantization: Literal["none", "fp8"] = "none"
     max_model_len: Optional[int] = Field(default=None, ge=16)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _not_yet(cls, v):
+        if v == "awq":
+            raise ValueError("AWQ checkpoints are not supported yet; use none or fp8")
+        return v
 
 
 class InputSpec(_Section):
@@ -112,6 +119,7 @@ class EngineSpec(_Section):
     num_kv_blocks: Optional[int] = Field(default=None, ge=2)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     enforce_eager: bool = False
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
 
 class ComputeSpec(_Section):

@@ -15,7 +15,7 @@ def small_peaks(monkeypatch):
     """The real peak measurement, at sizes that take milliseconds."""
     real = bench_roofline.measure_peaks
     monkeypatch.setattr(bench_roofline, "measure_peaks",
-                        lambda device, dtype: real(device, dtype, matmul_n=128, copy_bytes=1 << 20))
+                        lambda device, dtype, fp8=False: real(device, dtype, matmul_n=128, copy_bytes=1 << 20, fp8=fp8))
 
 
 def _run(args):
@@ -105,7 +105,7 @@ def test_sampled_workload(tiny_model_dir, tmp_path):
 
 def test_step_costs_by_hand():
     shape = bench_roofline.ModelShape(dense_params=1000, hidden=8, vocab=10, layers=2, heads=2, kv_heads=1,
-                                      head_dim=4, elt=2)
+                                      head_dim=4, elt=2, kv_elt=2)
     # one decode at context 5 (6th token), one 3-token prefill chunk from scratch; 2 rows sample
     flops, nbytes = bench_roofline.step_costs(shape, np.array([5, 0]), np.array([1, 3]), num_sampled=2)
     pairs = (1 * 5 + 1) + (3 * 4 / 2)

@@ -105,3 +105,58 @@ if [ "$phase" = full ] || [ "$phase" = bench ]; then
     --output-len-range 100 1024 --baseline hf --json "$OUT/llama3-8b.json" 2>&1 | tail -n 30
   $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | tail -n 15
 fi
+if [ "$phase" = fp8 ]; then  # session 5: GPU tests, the fp8 KV cache against bf16 (kernels, llama3-8b)
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short -rA 2>&1 | grep -v DEBUG | grep -E "passed|failed|error|fp8 |PASS|FAIL|Error|assert" | tail -n 60 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | tail -n 12
+  for kv in auto fp8; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 --kv-cache-dtype $kv --json "$OUT/llama3-8b-kv-$kv.json" 2>&1 | tail -n 12
+  done
+fi
+if [ "$phase" = fp8b ]; then  # session 5: the fp8 attention sweep, fp8 weights, both fp8, and the small model
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | tail -n 12
+  for q in "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | tail -n 12
+  done
+  for kv in auto fp8; do
+    $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+      --output-len-range 100 1024 --kv-cache-dtype $kv --json "$OUT/qwen3-0.6b-kv-$kv.json" 2>&1 | tail -n 6
+  done
+fi
+if [ "$phase" = fp8c ]; then  # session 5: fp8 caches take 2x the tile; llama3-8b bf16 / fp8 KV / fp8 both
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | tail -n 14
+  for q in "--kv-cache-dtype auto" "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | tail -n 11
+  done
+fi
+if [ "$phase" = fp8d ]; then  # session 5: where an fp8-KV decode step's time goes, against bf16
+  P="python3 tests/gpu/step_profile.py --model llama3-8b"
+  $P --decode 400 --tag=-bf16-400 2>&1 | grep -v "^USDT" | tail -n 44
+  $P --decode 400 --kv-cache-dtype fp8 --tag=-fp8-400 2>&1 | grep -v "^USDT" | tail -n 44
+  $P --decode 800 --kv-cache-dtype fp8 --tag=-fp8-800 2>&1 | grep -v "^USDT" | tail -n 22
+fi
+if [ "$phase" = fp8e ]; then  # session 5: fp8 attention widened to fp16 or bf16, at the engine's decode shape
+  python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short -k fp8 2>&1 | tail -n 5
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "decode|split|mixed|copy" | tail -n 40
+fi
+if [ "$phase" = fp8f ]; then  # session 5: GPU tests; fp8 decode defaults and graph padding by measured cost
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short -rA 2>&1 | grep -v DEBUG | grep -E "passed|failed|error|fp8 |FAIL|Error|assert" | tail -n 30 | tee "$OUT/gpu_tests.log"
+  for q in "--kv-cache-dtype auto" "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | tail -n 11
+  done
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | grep -E "^engine|^steps"
+  for f in "$OUT"/llama3-8b*.json; do python3 -c "
+import json, sys; d = json.load(open(sys.argv[1])); g = d.get('graphs') or {}
+moved = [(s, c, p) for s, c, p in zip(g.get('sizes', []), g.get('cost_ms', []), g.get('pads_to', [])) if p != s]
+print(sys.argv[1].split('/')[-1], 'graph sizes padded up:', moved)" "$f"; done
+fi
+if [ "$phase" = fp8h200 ]; then  # session 5: llama3-8b bf16 against an fp8 KV cache (and fp8 weights) on one card
+  for q in "--kv-cache-dtype auto" "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | tail -n 11
+  done
+fi

@@ -9,6 +9,9 @@ Prints a table last and writes kernel_bench.json (to $OUT when set, else the wor
     (a), over a sweep of tile shapes; and split-KV at 4 seqs x 32k over a sweep of segment counts.
 (c) mixed: prefill chunks over cached prefixes beside decode rows, one launch.
 All times: triton.testing.do_bench median, on random data; caches are GBs, far past L2.
+
+--fp8: the same with an fp8 (e4m3) KV cache, shorter: copy, cache write, the decode sweep, split-KV and the
+mixed step (kernel_bench_fp8.json). K/V bytes count 1 byte an element.
 """
 import datetime
 import json
@@ -24,6 +27,8 @@ from batchllm.kernels.cache import reshape_and_cache
 
 H, KVH, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
+FP8 = "--fp8" in sys.argv
+KV_DT = torch.float8_e4m3fn if FP8 else DT  # the caches' dtype
 ROWS = []
 
 
@@ -46,7 +51,7 @@ def record(name, ms, nbytes=None, flops=None, copy_bw=None, **extra):
     return row
 
 
-def batch(q_lens, ctx, seed=0):
+def batch(q_lens, ctx, seed=0, kv_dt=None):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = [q + c for q, c in zip(q_lens, ctx)]
     per_seq = [-(-s // BS) for s in seq_lens]
@@ -58,8 +63,8 @@ def batch(q_lens, ctx, seed=0):
         table[s, :nb] = pool[i : i + nb]
         i += nb
     shape = (num_blocks, BS, KVH, D)
-    kc = torch.randn(shape, device="cuda", dtype=DT, generator=gen)
-    vc = torch.randn(shape, device="cuda", dtype=DT, generator=gen)
+    kc = torch.randn(shape, device="cuda", dtype=DT, generator=gen).to(kv_dt or KV_DT)
+    vc = torch.randn(shape, device="cuda", dtype=DT, generator=gen).to(kv_dt or KV_DT)
     q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=DT, generator=gen)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
@@ -141,11 +146,11 @@ def main():
 
     # cache write: 8192 new tokens (K and V read once, written once)
     kv = torch.randn(8192, 2, KVH, D, device="cuda", dtype=DT)
-    kc = torch.randn(8192 // BS * 4, BS, KVH, D, device="cuda", dtype=DT)
-    vc = torch.randn_like(kc)
+    kc = torch.randn(8192 // BS * 4, BS, KVH, D, device="cuda", dtype=DT).to(KV_DT)
+    vc = torch.randn(kc.shape, device="cuda", dtype=DT).to(KV_DT)
     slots = torch.randperm(kc.shape[0] * BS, device="cuda")[:8192]
     record("reshape_and_cache 8192 tok", bench(lambda: reshape_and_cache(kv[:, 0], kv[:, 1], kc, vc, slots)),
-           2 * kv.numel() * kv.element_size() + slots.numel() * 8, copy_bw=copy_bw, summary=True)
+           kv.numel() * (kv.element_size() + kc.element_size()) + slots.numel() * 8, copy_bw=copy_bw, summary=True)
     del kv, kc, vc
 
     # (b) decode at large batch
@@ -154,8 +159,36 @@ def main():
         (f"{t}/{w}/{st}", {"config": {"tile_n": t, "num_warps": w, "num_stages": st}})
         for t in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)
     ]
+    if FP8:
+        variants = [("default", {})] + [
+            (f"{t}/4/{st}{' f16' * f16}", {"config": {"tile_n": t, "num_stages": st, "f16_dot": f16}})
+            for t in (64, 128) for st in (2, 3) for f16 in (False, True)
+        ]
     sweep("decode 256x4096", args, hints, nbytes, None, copy_bw, variants, read_bw)
     del args
+    if FP8:  # the engine's decode step: 400 rows at ~900 tokens, fp8 against bf16
+        g = torch.Generator().manual_seed(4)
+        ctx = torch.randint(100, 1700, (400,), generator=g).tolist()
+        args, hints, nbytes = batch([1] * 400, ctx, seed=4, kv_dt=DT)
+        sweep("decode 400x900 bf16 cache", args, hints, nbytes, None, copy_bw, [("default", {})], read_bw)
+        args, hints, nbytes = batch([1] * 400, ctx, seed=4)
+        sweep("decode 400x900", args, hints, nbytes, None, copy_bw, variants, read_bw)
+        args, hints, nbytes = batch([1] * 4, [32767] * 4, seed=1)
+        sweep("split-KV 4x32k", args, hints, nbytes, None, copy_bw, [("default", {})], read_bw)
+        g = torch.Generator().manual_seed(2)
+        q_lens = [512] * 8 + [1] * 192
+        ctx = (torch.randint(1024, 4097, (8,), generator=g).tolist()
+               + torch.randint(2048, 4097, (192,), generator=g).tolist())
+        args, hints, nbytes = batch(q_lens, ctx, seed=2)
+        sweep("mixed 8x512+192x1", args, hints, nbytes, attn_flops(q_lens, ctx), copy_bw, [("default", {})] + [
+            (f"m{m}/{t}/{w}", {"config": {"block_m": m, "tile_n": t, "num_warps": w}})
+            for m in (64, 128) for t in (64, 128) for w in (4, 8)])
+        order = sorted(range(len(q_lens)), key=lambda i: q_lens[i] != 1)
+        q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+        args, hints, nbytes = batch(q_lens, ctx, seed=2)  # as the engine launches it: decode rows first
+        sweep("mixed decodes-first", args, hints, nbytes, attn_flops(q_lens, ctx), copy_bw,
+              [("default", {"num_decodes": 192})])
+        return finish(meta, out_dir)
 
     # (b') split-KV: 4 seqs x 32k decode
     args, hints, nbytes = batch([1] * 4, [32767] * 4, seed=1)
@@ -201,8 +234,13 @@ def main():
     sweep("prefill 16x2048", args, hints, nbytes, attn_flops(q_lens, ctx), copy_bw, variants)
     del args
 
+    finish(meta, out_dir)
+
+
+def finish(meta, out_dir):
     meta["compiled"] = compile_report()
-    with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
+    meta["kv_dtype"] = str(KV_DT)
+    with open(os.path.join(out_dir, "kernel_bench_fp8.json" if FP8 else "kernel_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": ROWS}, f, indent=1, default=str)
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print(f"{'case':<52} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'%read':>6} {'TFLOP/s':>7}")

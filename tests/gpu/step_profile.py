@@ -55,8 +55,12 @@ def main():
     ap.add_argument("--context", type=int, default=900)
     ap.add_argument("--prompt", type=int, default=920)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--tag", default="", help="step_profile<tag>.json")
     args = ap.parse_args()
-    llm = LLM(args.model, device=args.device)
+    llm = LLM(args.model, device=args.device, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+              max_num_seqs=max(256, args.decode + 1))
     acts = [torch.profiler.ProfilerActivity.CUDA if args.device == "cuda" else torch.profiler.ProfilerActivity.CPU]
     vocab = llm.hf_config.vocab_size
     rng = np.random.default_rng(0)
@@ -66,6 +70,7 @@ def main():
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in llm.scheduler.running) or llm.scheduler.waiting:
         llm.step()
     out = {"model": args.model, "decode_rows": args.decode, "context": args.context, "prompt": args.prompt,
+           "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
            "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
 
     decode_ms = [_timed_steps(llm, 10) for _ in range(3)]
@@ -96,7 +101,8 @@ def main():
     out["running"] = len(llm.scheduler.running)
     assert out["running"] == args.decode, out["running"]
 
-    print(f"{out['card']}: {args.model}, {args.decode} decode rows at ~{args.context} tokens")
+    print(f"{out['card']}: {args.model} (kv {args.kv_cache_dtype}, quantization {args.quantization}), "
+          f"{args.decode} decode rows at ~{args.context} tokens")
     print(f"mixed step with decode and prefill rows in one attention launch: {out['mixed_one_launch_step_ms']:.2f} ms")
     for name in ("decode", "mixed"):
         print(f"\n{name} step: {out[name + '_step_ms']:.2f} ms (wall, back to back, median of 3 runs)")
@@ -104,7 +110,7 @@ def main():
         print(f"  kernels {total:.2f} ms of CUDA time a step")
         for r in out[name + "_kernels"][:18]:
             print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f}x  {r['kernel']}")
-    write_result("step_profile.json", out)
+    write_result(f"step_profile{args.tag}.json", out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 fp32: token-exact greedy, through chunked prefill, preemption and graph-replayed decode.
 Mixed steps of every shape: no attention kernel compiled after warm-up. Graphs above 512 rows equal eager.
-bf16: the first token's top-20 logprobs close to HF's. Neither the sampler nor any engine step waits for the device.
+bf16: the first token's top-20 logprobs close to HF's; with an fp8 KV cache or fp8 weights, too. Neither the sampler nor any engine step waits for the device.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
 """
 import pytest
@@ -54,6 +54,38 @@ def test_bf16_logprobs_close_to_hf(tiny_model_factory):
             for tok, lp in o.logprobs[0].items():
                 worst = max(worst, abs(lp - ref[tok].item()))
     assert worst < 0.15, worst
+
+
+@pytest.mark.parametrize("fp8", ["kv_cache", "weights"])
+def test_fp8_close_to_hf(tiny_model_factory, fp8):
+    """An fp8 KV cache, or fp8 weights (quantization="fp8"), in bf16, through prefill, graph-replayed decode and
+    eager mixed steps: the first token's logprobs stay near HF's bf16 ones, and greedy decoding mostly keeps
+    HF's first tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from batchllm import LLM, SamplingParams
+
+    path = tiny_model_factory("llama")
+    kw = {"kv_cache_dtype": "fp8"} if fp8 == "kv_cache" else {"quantization": "fp8"}
+    llm = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=256, **kw)
+    assert llm.runner.graphs is not None
+    if fp8 == "kv_cache":
+        assert llm.runner.model.attention_layers()[0].key_cache.dtype == torch.float8_e4m3fn
+    else:
+        assert llm.runner.model.model.layers[0].mlp.down_proj.qweight.dtype == torch.float8_e4m3fn
+    prompts = _prompts(llm.hf_config.vocab_size, n=8, seed=2)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, logprobs=20, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    worst, same = 0.0, 0
+    with torch.no_grad():
+        for p, o in zip(prompts, outs):
+            ref = hf(torch.tensor([p], device="cuda")).logits[0, -1].float().log_softmax(-1)
+            for tok, lp in o.logprobs[0].items():
+                worst = max(worst, abs(lp - ref[tok].item()))
+            same += o.token_ids[0] == int(ref.argmax())
+            assert len(o.token_ids) == 8
+    print(f"fp8 {fp8}: worst logprob gap {worst:.3f}, first tokens kept {same}/8")
+    assert worst < 0.5 and same >= 6, (worst, same)
 
 
 def _compiled_variants(*kernels) -> int:

@@ -133,6 +133,63 @@ def test_split_kv_long_decode(dtype):
     _check(b, hints, dtype, num_kv_splits=1)  # and the one-pass path agrees
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_cache(dtype):
+    """An fp8 (e4m3) cache under a bf16 / fp32 query: the engine's mixed step (decodes first, own launch), a
+    decode-only step, and split-KV long decodes. The reference reads the same fp8 values."""
+    q_lens, ctx = _mixed_lens(9)
+    order = sorted(range(len(q_lens)), key=lambda i: q_lens[i] != 1)
+    q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
+    for b, hints, kw in (
+        (*_batch(q_lens, ctx, dtype, seed=9), {"num_decodes": q_lens.count(1)}),
+        (*_batch([1] * 64, ctx[:64] + [1] * (64 - len(ctx[:64])), dtype, seed=10), {}),
+        (*_batch([1] * 4, [32768, 30000, 17, 12345], dtype, seed=11), {}),
+    ):
+        b["key_cache"] = b["key_cache"].to(torch.float8_e4m3fn)
+        b["value_cache"] = b["value_cache"].to(torch.float8_e4m3fn)
+        _check(b, hints, dtype, **kw)
+        for f16_dot in (False, True):  # K/V widened to bf16 or to fp16 (with the query), either way
+            _check(b, hints, dtype, config={"f16_dot": f16_dot}, **kw)
+
+
+def test_reshape_and_cache_fp8():
+    """The GPU's cast of the pre-rounded values gives torch's nearest-even e4m3, saturated, over 1e-4..1e4."""
+    _, cache, reference = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    num_blocks, num_tokens = 4096, 8192
+    shape = (num_blocks, 16, NUM_KV_HEADS, HEAD_DIM)
+    caches = [torch.zeros(shape, device="cuda", dtype=torch.float8_e4m3fn) for _ in range(4)]
+    kv = torch.randn(num_tokens, 2 * NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
+    kv = (kv * torch.exp(3 * torch.randn(kv.shape, device="cuda", generator=gen))).to(torch.bfloat16)
+    key, value = kv[:, :NUM_KV_HEADS], kv[:, NUM_KV_HEADS:]
+    slots = torch.randperm(num_blocks * 16, device="cuda", generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, device="cuda", generator=gen)[:500]] = -1
+    reference.reshape_and_cache(key, value, caches[0], caches[1], slots)
+    cache.reshape_and_cache(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[2].float(), caches[0].float()) and torch.equal(caches[3].float(), caches[1].float())
+    assert caches[0].float().abs().max() == 448.0
+
+
+def test_quantize_rows_fp8():
+    """kernels/fp8.py at llama3-8b's widest activation (a 4096-token step into down_proj): bit for bit the
+    reference, and the fp8 matmul built on it within fp8's error of the bf16 one."""
+    from batchllm.kernels import fp8
+    from batchllm.quant.fp8 import fp8_linear
+
+    _, _, reference = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    x = torch.randn(4096, 14336, device="cuda", generator=gen)
+    x = (x * torch.exp(2 * torch.randn(4096, 1, device="cuda", generator=gen))).to(torch.bfloat16)
+    q, scale = fp8.quantize_rows(x)
+    q_ref, scale_ref = reference.quantize_rows_fp8(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.float(), q_ref.float())
+    w = (torch.randn(4096, 14336, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    qw, ws = reference.quantize_rows_fp8(w)
+    out = fp8_linear(x[:512], qw, ws, None)
+    exact = x[:512].float() @ w.float().T
+    assert out.dtype == torch.bfloat16 and _rel_err(out, exact) < 0.05
+
+
 def test_no_host_sync_and_cuda_graph():
     attention, _, reference = _kernels()
     for q_lens, ctx in (([1] * 4, [20000, 5, 900, 31000]), _mixed_lens(4, 8, 4, 2048)):

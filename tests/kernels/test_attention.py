@@ -61,6 +61,35 @@ def test_bf16_matches_reference(case, device, paged_batch, relative_error):
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case, splits", [(("mixed", 8, 2, 64, 16), 1), (("prefix", 4, 2, 128, 32), 1),
+                                          (("decode", 8, 2, 64, 16), 4)])
+def test_fp8_cache_matches_reference(case, splits, dtype, tol, device, paged_batch, relative_error):
+    """An fp8 (e4m3) cache read by a bf16 / fp32 query: widened in the kernel, then the same attention. The
+    reference reads the same fp8 values, so the error is the query dtype's alone."""
+    q_lens, ctx_lens = BATCHES[case[0]]
+    b = paged_batch(q_lens, ctx_lens, *case[1:], dtype, device, seed=23)
+    k8, v8 = b["key_cache"].to(torch.float8_e4m3fn), b["value_cache"].to(torch.float8_e4m3fn)
+    out = unified_attention(b["query"], k8, v8, b["query_start_loc"], b["seq_lens"], b["block_table"],
+                            max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)),
+                            num_kv_splits=splits)
+    ref = reference.paged_attention(b["query"].double(), k8, v8, b["query_start_loc"], b["seq_lens"],
+                                    b["block_table"])
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < tol
+    # and it did read the fp8 values: the full-precision cache gives a measurably different answer
+    exact = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                      b["seq_lens"], b["block_table"])
+    assert relative_error(ref, exact) > 1e-3
+
+
+def test_cache_dtype_must_fit(device, paged_batch):
+    b = paged_batch([1], [5], 4, 2, 64, 16, torch.float32, device, seed=1)
+    with pytest.raises(ValueError, match="do not fit query"):
+        unified_attention(b["query"], b["key_cache"].half(), b["value_cache"].half(), b["query_start_loc"],
+                          b["seq_lens"], b["block_table"])
+
+
 @pytest.mark.parametrize(
     "case, splits",
     [(("decode", 8, 2, 64, 16), 4), (("decode", 4, 4, 128, 32), 2), (("mixed", 4, 2, 64, 16), 8)],

@@ -35,3 +35,27 @@ def test_matches_reference(dtype, num_kv_heads, head_dim, block_size, device):
     kept = slots[slots >= 0].long().cpu()
     assert set(changed.nonzero().flatten().tolist()) <= set(kept.tolist())
     assert changed[kept].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_cache_rounds_like_torch(dtype, device):
+    """An fp8 (e4m3) cache holds exactly what the reference's cast holds: nearest-even, saturated at +-448.
+
+    Values from 1e-4 to 1e4: subnormals, every binade, the rounding carries into the next binade (which
+    Triton's interpreter gets wrong in a plain cast), ties (16-bit inputs have few mantissa bits), saturation."""
+    gen = torch.Generator().manual_seed(5)
+    num_blocks, block_size, kvh, d, n = 6, 16, 2, 64, 80
+    shape = (num_blocks, block_size, kvh, d)
+    key = (torch.randn(n, kvh, d, generator=gen) * torch.exp(torch.randn(n, kvh, d, generator=gen) * 3)).to(dtype)
+    key[0, 0, :4] = torch.tensor([1000.0, -1000.0, 0.0, 124.9]).to(dtype)
+    value = torch.randn(n, kvh, d, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[3] = -1
+    caches = [torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device) for _ in range(4)]
+    key, value, slots = key.to(device), value.to(device), slots.to(device)
+    reference.reshape_and_cache(key, value, caches[0], caches[1], slots)
+    reshape_and_cache(key, value, caches[2], caches[3], slots)
+    for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
+        assert not want.float().isnan().any()
+        assert torch.equal(got.float(), want.float())
+    assert caches[0].float().abs().max() == 448.0  # saturated, not NaN

@@ -1,0 +1,59 @@
+"""FP8 weights (quantization="fp8"): a bf16 / fp16 / fp32 checkpoint quantized when it loads, as vLLM's online
+fp8 does. Every decoder matmul (q/k/v, o, gate/up, down) keeps its weight in float8_e4m3fn with one scale per
+output channel; its input is quantized per row (token) at run time; the product runs on the fp8 tensor cores
+(torch._scaled_mm, fp32 accumulation) and comes back in the model's dtype. Embeddings, norms and the lm_head stay
+in the model's dtype. Scales are powers of 2 (reference.fp8_row_scales).
+
+Half the weight bytes of bf16, and on Hopper twice the matmul peak. On the CPU the same arithmetic runs through
+torch's reference _scaled_mm: correct, and much slower than bf16 (for tests, not for speed).
+"""
+import torch
+
+from batchllm.kernels import reference
+from batchllm.layers.linear import MergedLinear
+
+
+def check_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError where fp8 matmuls cannot run: CUDA before compute capability 8.9, or CUDA with a
+    result dtype other than bf16 (torch's row-wise scaled matmul returns bf16 only)."""
+    if device.type != "cuda":
+        return
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        raise ValueError(f"quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one "
+                         f"is {cc[0]}.{cc[1]}")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"quantization fp8 computes in bfloat16 on CUDA; dtype is {str(dtype).split('.')[-1]}: "
+                         "use dtype auto or bfloat16")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], fp32 scales [M]): the Triton kernel on CUDA, the reference elsewhere (same bits)."""
+    if x.is_cuda:
+        from batchllm.kernels import fp8
+
+        return fp8.quantize_rows(x)
+    return reference.quantize_rows_fp8(x)
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ (qweight [N, K] fp8 * scale [N]).T (+ bias) -> [..., N] in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_rows(x2.contiguous())
+    out = torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=scale[None, :], out_dtype=x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module) -> int:
+    """Quantize every MergedLinear of `model` in place; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MergedLinear):
+            m.quantize_fp8()
+            n += 1
+    if n and next(model.parameters()).is_cuda:
+        torch.cuda.empty_cache()  # the freed full-precision weights
+    return n
