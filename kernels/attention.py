@@ -321,18 +321,19 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
     block_m: rows per program for prefill chunks; small_m: the row tile a program with few tokens left
     (decode rows, chunk tails) switches to inside the same launch (0: never; None: 16 when block_m >= 128,
     where it paid on an H200 (mixed batch 1.99 -> 1.43 ms), else 0, where it cost ~2%: docs/kernels.md).
-    Decoding from an fp8 cache: twice the positions a tile (tile_n), the same bytes in flight; K/V widened to
-    fp16 with the query (f16_dot: one conversion instruction for two values); a third pipeline stage. On an
-    H100, 256 x 4096 tokens: 63% -> 84% of copy bandwidth. Prefill chunks keep tile_n 64, where 128 was 13%
-    slower (docs/kernels.md).
+    An fp8 cache: K/V widened to fp16 with the query (f16_dot: one conversion instruction for two values, not
+    bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
+    flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
+    chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
     """
     wide = dtype == torch.float32 or head_dim > 128
-    fp8_decode = kv_dtype == torch.float8_e4m3fn and max_query_len <= 1
+    fp8 = kv_dtype == torch.float8_e4m3fn
+    fp8_decode = fp8 and max_query_len <= 1
     return {
         "block_m": 16 if max_query_len <= 1 else 64,
         "small_m": None,
         "tile_n": (32 if wide else 64) * (2 if fp8_decode else 1),
-        "f16_dot": fp8_decode,
+        "f16_dot": fp8,
         "num_warps": 4,
         "num_stages": 3 if fp8_decode else 2,
     }

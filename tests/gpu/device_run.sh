@@ -160,3 +160,17 @@ if [ "$phase" = fp8h200 ]; then  # session 5: llama3-8b bf16 against an fp8 KV c
       --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | tail -n 11
   done
 fi
+if [ "$phase" = fp8g ]; then  # session 5: prefix caching and the small model with an fp8 KV cache; fp8 prefill tiles
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "prefill" | tail -n 8
+  $B prefix --model llama3-8b --device cuda --kv-cache-dtype fp8 --json "$OUT/prefix-fp8.json" 2>&1 | grep -v "^  " | tail -n 6
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --kv-cache-dtype fp8 --json "$OUT/qwen3-0.6b-fp8.json" 2>&1 | grep -E "^engine|^steps|^one kernel"
+  $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 6
+fi
+if [ "$phase" = fp8final ]; then  # session 5, the final tree: GPU tests, llama3-8b with an fp8 KV cache and both fp8
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short -rA 2>&1 | grep -v DEBUG | grep -E "passed|failed|error|fp8 |FAIL|Error|assert" | tail -n 30 | tee "$OUT/gpu_tests.log"
+  for q in "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8" "--kv-cache-dtype auto"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^KV|^peaks|roofline|one kernel|any batch|of that"
+  done
+fi

@@ -188,6 +188,10 @@ def main():
         args, hints, nbytes = batch(q_lens, ctx, seed=2)  # as the engine launches it: decode rows first
         sweep("mixed decodes-first", args, hints, nbytes, attn_flops(q_lens, ctx), copy_bw,
               [("default", {"num_decodes": 192})])
+        args, hints, nbytes = batch([512] * 8, ctx[192:], seed=2)  # its prefill chunks alone
+        sweep("mixed part: 8x512 prefill", args, hints, nbytes, attn_flops([512] * 8, ctx[192:]), copy_bw,
+              [("default", {})] + [(f"64/4/{st}{' f16' * f16}", {"config": {"num_stages": st, "f16_dot": f16}})
+                                   for st in (2, 3) for f16 in (False, True)])
         return finish(meta, out_dir)
 
     # (b') split-KV: 4 seqs x 32k decode

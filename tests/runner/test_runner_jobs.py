@@ -191,3 +191,25 @@ def test_crash_between_part_and_checkpoint_leaves_no_duplicates(tiny_model_dir, 
     assert r.exit_code == 0, r.output + r.stderr
     ids = [x["id"] for x in read_table(str(out / "results"))]
     assert sorted(ids) == list(range(20))  # exactly once
+
+
+def test_fp8_settings_reach_the_engine(tiny_model_dir, tmp_path):
+    """model.quantization and engine.kv_cache_dtype are carried out, not just accepted: the worker's engine has fp8
+    weights and an fp8 KV cache, and the job completes with them."""
+    import torch
+
+    from batchllm.layers.linear import MergedLinear
+    from batchllm.runner.spec import spec_from_dict
+    from batchllm.runner.worker import make_engine
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(6)))
+    out = tmp_path / "out"
+    doc = job_doc(tiny_model_dir, data, out, model={"quantization": "fp8"}, engine={"kv_cache_dtype": "fp8"})
+    llm = make_engine(spec_from_dict(doc))
+    assert llm.runner.kv_dtype == torch.float8_e4m3fn
+    assert all(m.qweight is not None for m in llm.runner.model.modules() if isinstance(m, MergedLinear))
+    del llm
+    r = cli("submit", write_job(tmp_path / "job.yaml", doc), "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(6))
