@@ -13,7 +13,8 @@ How the work is cut:
   batch, a chunk's tail) switches to a 16-row tile inside the same launch (SMALL_Q), so it does not
   pay for the big tile's MMA work.
 - Programs are numbered per sequence as `query_start_loc[s] // BLOCK_Q + s + i`, an upper bound that
-  needs no host sync; each program finds its sequence by binary search and surplus programs exit.
+  needs no host sync; each program finds its sequence by binary search and surplus programs exit. A
+  decode-only launch (max_query_len 1) runs one program a sequence instead: no search, no surplus.
 - K/V are walked in tiles of TILE_N cache positions; each position's physical block comes from the
   block table, so a tile may span several (non-contiguous) paged blocks. Online softmax in fp32 (exp2).
 - An fp8 cache (float8_e4m3fn) is widened to the query's dtype right after each tile's load: half the bytes
@@ -97,6 +98,7 @@ def _unified_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # paged block size
     TILE_N: tl.constexpr,  # cache positions per K/V tile
     NUM_SEGMENTS: tl.constexpr,  # 1: write out; > 1: write partials for _reduce_segments_kernel
+    DECODE_ONLY: tl.constexpr,  # every sequence has one query token: program i serves sequence i
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32)
     UPCAST: tl.constexpr,  # Triton's interpreter gets 16-bit dots wrong: do them in fp32 there
     F16_DOT: tl.constexpr,  # fp8 cache: widen K/V to fp16 (one conversion, 2 values an instruction), not bf16
@@ -105,12 +107,18 @@ def _unified_attention_kernel(
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    seq = _find_seq(query_start_loc_ptr, pid_q, num_seqs, BLOCK_Q)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    q_first = (pid_q - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
-    if q_first >= q_len:
-        return
+    if DECODE_ONLY:  # one program a sequence: no search, no surplus programs
+        seq = pid_q
+        q_begin = tl.load(query_start_loc_ptr + seq)
+        q_len = 1
+        q_first = 0
+    else:
+        seq = _find_seq(query_start_loc_ptr, pid_q, num_seqs, BLOCK_Q)
+        q_begin = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+        q_first = (pid_q - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
+        if q_first >= q_len:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
 
     if SMALL_Q > 0:
@@ -431,7 +439,8 @@ def unified_attention(
     if num_kv_splits > 1 and not (config and "num_stages" in config):
         cfg["num_stages"] = 3  # few tiles per program: deeper prefetch hides the latency (measured, docs)
 
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
+    decode_only = max_query_len == 1
+    grid = (num_seqs if decode_only else num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
     if num_kv_splits > 1:
         part_max = torch.empty((num_tokens, num_heads, num_kv_splits), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -463,6 +472,7 @@ def unified_attention(
         BLOCK_SIZE=block_size,
         TILE_N=cfg["tile_n"],
         NUM_SEGMENTS=num_kv_splits,
+        DECODE_ONLY=decode_only,
         IEEE=query.dtype == torch.float32 or _interpreting(),
         UPCAST=query.dtype != torch.float32 and _interpreting(),
         F16_DOT=bool(cfg["f16_dot"]) and key_cache.dtype == torch.float8_e4m3fn and query.dtype != torch.float32,

@@ -174,3 +174,11 @@ if [ "$phase" = fp8final ]; then  # session 5, the final tree: GPU tests, llama3
       --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^KV|^peaks|roofline|one kernel|any batch|of that"
   done
 fi
+if [ "$phase" = decode1 ]; then  # session 5: decode-only launches run one program a sequence (no search)
+  python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "decode" | grep -E "default|BEST" | tail -n 8
+  for q in "--kv-cache-dtype fp8" "--kv-cache-dtype auto"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|roofline|one kernel|of that"
+  done
+fi
