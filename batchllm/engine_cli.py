@@ -13,6 +13,10 @@ import click
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--quantization", default="none", show_default=True, type=click.Choice(["none", "fp8"]),
+              help="fp8: decoder weights quantized at load, fp8 matmuls (Ada/Hopper GPUs)")
+@click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp8"]),
+              help="fp8: K/V stored in e4m3, half of bf16's bytes")
 @click.option("--max-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -20,13 +24,14 @@ import click
 @click.option("--chat/--no-chat", default=True, show_default=True, help="apply the model's chat template")
 @click.option("--system", default=None, help="a system prompt (with --chat)")
 @click.argument("prompts", nargs=-1, required=True)
-def generate(model, device, dtype, max_tokens, temperature, top_p, seed, chat, system, prompts):
+def generate(model, device, dtype, quantization, kv_cache_dtype, max_tokens, temperature, top_p, seed, chat, system,
+             prompts):
     """Generate completions for PROMPTS (each argument is one prompt)."""
     from batchllm import LLM, SamplingParams
 
     try:
         sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM(model, device=device, dtype=dtype)
+        llm = LLM(model, device=device, dtype=dtype, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     except ValueError as e:  # user errors: bad parameters, unknown model
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

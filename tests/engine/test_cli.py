@@ -18,6 +18,13 @@ def test_generate_prints_completions(tiny_model_dir):
     assert "### hello there" in r.output and "### second prompt" in r.output
 
 
+def test_generate_with_fp8(tiny_model_dir):
+    r = CliRunner().invoke(main, ["generate", "-m", tiny_model_dir, "--device", "cpu", "--max-tokens", "4",
+                                  "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--no-chat", "hello there"])
+    assert r.exit_code == 0, r.output
+    assert "### hello there" in r.output
+
+
 def test_generate_bad_parameter_is_one_line_exit_2(tiny_model_dir):
     r = CliRunner().invoke(main, ["generate", "-m", tiny_model_dir, "--temperature", "-1", "hi"])
     assert r.exit_code == 2
