@@ -96,7 +96,8 @@ def print_throughput(r: dict) -> None:
          f"{100 * e['prefix_hit_rate']:.1f}%, preemptions {e['num_preemptions']}")
     if "roofline" in r:
         f = r["roofline"]
-        echo(f"peaks here: {f['peak_tflops']:.2f} TFLOP/s ({f['matmul_dtype']} {f['matmul_n']}^3 matmul), "
+        dtype_peak = f" and {f['peak_tflops_dtype']:.2f} in {r['dtype']}" if "peak_tflops_dtype" in f else ""
+        echo(f"peaks here: {f['peak_tflops']:.2f} TFLOP/s ({f['matmul_dtype']} {f['matmul_n']}^3 matmul){dtype_peak}, "
              f"{f['peak_bw_gbs']:.1f} GB/s (copy)")
         echo(f"roofline: {f['flops'] / 1e12:.2f} TFLOP, {f['bytes'] / 1e9:.1f} GB over {e['num_steps']} steps -> "
              f"{f['roofline_s']:.2f} s ({f['roofline_output_tok_s']:.0f} out tok/s); achieved "

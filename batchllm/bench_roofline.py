@@ -53,13 +53,16 @@ def _best_time(fn, device, iters: int, warmup: int = 2) -> float:
 def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None = None,
                   copy_bytes: int | None = None, fp8: bool = False) -> dict:
     """Peak matmul FLOP/s and copy bandwidth on `device`, measured now. Frees what it allocates.
-    fp8: the matmul is the engine's fp8 one (quantization="fp8": e4m3 inputs, fp32 scales, `dtype` out)."""
+    fp8: peak_tflops is the engine's fp8 matmul (quantization="fp8": e4m3 inputs, fp32 scales, `dtype` out), and
+    peak_tflops_dtype the `dtype` one, which the lm_head and attention still run at."""
     cuda = device.type == "cuda"
     n = matmul_n or (8192 if cuda else 2048)
     nbytes = copy_bytes or ((2 << 30) if cuda else (256 << 20))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    extra = {}
     if fp8:
+        extra["peak_tflops_dtype"] = measure_peaks(device, dtype, n, 1 << 20)["peak_tflops"]
         a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # b column-major, as _scaled_mm wants
         sa = torch.ones(n, 1, device=device)
         sb = torch.ones(1, n, device=device)
@@ -80,7 +83,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, matmul_n: int | None
         "peak_tflops": 2 * n**3 / t_mm / 1e12,
         "peak_bw_gbs": 2 * nbytes / t_cp / 1e9,
         "matmul_n": n, "matmul_dtype": "float8_e4m3fn" if fp8 else str(dtype).replace("torch.", ""),
-        "copy_bytes": nbytes,
+        "copy_bytes": nbytes, **extra,
     }
 
 
@@ -144,6 +147,7 @@ def step_parts(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sa
     kv_read = (starts + q).sum() * shape.kv_bytes_per_token
     kv_write = tokens * shape.kv_bytes_per_token
     return {"matmul_flops": 2 * shape.dense_params * tokens + 2 * shape.hidden * shape.vocab * num_sampled,
+            "lm_head_flops": 2 * shape.hidden * shape.vocab * num_sampled,  # of matmul_flops
             "weight_bytes": shape.weight_bytes,
             "attention_flops": 4 * shape.layers * shape.heads * shape.head_dim * pairs,
             "kv_bytes": kv_read + kv_write}
@@ -156,21 +160,25 @@ def step_costs(shape: ModelShape, starts: np.ndarray, q_lens: np.ndarray, num_sa
 
 
 def roofline(shape: ModelShape, steps: list, peaks: dict, elapsed_s: float) -> dict:
-    """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline."""
+    """steps: StepRecord-like objects with .starts, .q_lens, .num_sampled. Sums the per-step roofline.
+    With fp8 weights (peaks has peak_tflops_dtype) the dense matmuls run at peak_tflops and the lm_head and
+    attention at peak_tflops_dtype."""
     peak_flops = peaks["peak_tflops"] * 1e12
+    peak_other = peaks.get("peak_tflops_dtype", peaks["peak_tflops"]) * 1e12
     peak_bw = peaks["peak_bw_gbs"] * 1e9
     total_flops = total_bytes = t_roof = t_compute = t_memory = t_serial = t_serial_decode = t_floor = 0.0
     bound_compute = 0
     for s in steps:
         p = step_parts(shape, s.starts, s.q_lens, s.num_sampled)
         flops, nbytes = p["matmul_flops"] + p["attention_flops"], p["weight_bytes"] + p["kv_bytes"]
-        attention = max(p["attention_flops"] / peak_flops, p["kv_bytes"] / peak_bw)
-        serial = max(p["matmul_flops"] / peak_flops, p["weight_bytes"] / peak_bw) + attention
+        matmul_s = (p["matmul_flops"] - p["lm_head_flops"]) / peak_flops + p["lm_head_flops"] / peak_other
+        attention = max(p["attention_flops"] / peak_other, p["kv_bytes"] / peak_bw)
+        serial = max(matmul_s, p["weight_bytes"] / peak_bw) + attention
         t_serial += serial
-        t_floor += p["matmul_flops"] / peak_flops + attention
+        t_floor += matmul_s + attention
         if (s.q_lens == 1).all():
             t_serial_decode += serial
-        tc, tm = flops / peak_flops, nbytes / peak_bw
+        tc, tm = matmul_s + p["attention_flops"] / peak_other, nbytes / peak_bw
         total_flops += flops
         total_bytes += nbytes
         t_roof += max(tc, tm)

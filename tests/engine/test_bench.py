@@ -128,6 +128,11 @@ def test_step_costs_by_hand():
     one = bench_roofline.roofline(shape, [decode], peaks, elapsed_s=100.0)["serial_roofline_s"]
     assert est["serial_decode_s"] == pytest.approx(2 * one)
     assert est["serial_roofline_s"] == pytest.approx(matmul_s + attention_s + 2 * one)
+    # fp8 weights: the dense matmuls at the fp8 peak, the lm_head and attention at the model dtype's (half of it)
+    fp8 = {"peak_tflops": 2e-9, "peak_tflops_dtype": 1e-9, "peak_bw_gbs": 1e-6}
+    est = bench_roofline.roofline(shape, [step], fp8, elapsed_s=100.0)
+    matmul_fp8 = max(2 * 1000 * 4 / 2000 + 2 * 8 * 10 * 2 / 1000, (1000 + 80) * 2 / 1000)
+    assert est["serial_roofline_s"] == pytest.approx(matmul_fp8 + attention_s)
 
 
 def test_png_needs_matplotlib_or_draws(tiny_model_dir, tmp_path):

@@ -182,3 +182,9 @@ if [ "$phase" = decode1 ]; then  # session 5: decode-only launches run one progr
       --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|roofline|one kernel|of that"
   done
 fi
+if [ "$phase" = fp8roof ]; then  # session 5: fp8-weight runs with the roofline's lm_head and attention at the bf16 peak
+  for q in "--quantization fp8 --kv-cache-dtype fp8" "--quantization fp8"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^peaks|roofline|one kernel|any batch|of that"
+  done
+fi
