@@ -188,3 +188,6 @@ if [ "$phase" = fp8roof ]; then  # session 5: fp8-weight runs with the roofline'
       --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^peaks|roofline|one kernel|any batch|of that"
   done
 fi
+if [ "$phase" = fp8sweep ]; then  # session 5: fp8 decode around its default (warps, longer tiles, deeper pipelines)
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^decode" | tail -n 8
+fi

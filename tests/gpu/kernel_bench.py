@@ -161,8 +161,11 @@ def main():
     ]
     if FP8:
         variants = [("default", {})] + [
-            (f"{t}/4/{st}{' f16' * f16}", {"config": {"tile_n": t, "num_stages": st, "f16_dot": f16}})
-            for t in (64, 128) for st in (2, 3) for f16 in (False, True)
+            (f"{t}/{w}/{st}{' f16' * f16}", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": f16}})
+            for t in (64, 128) for w in (4,) for st in (2, 3) for f16 in (False, True)
+        ] + [  # around the default (128/4/3 f16): fewer warps, longer tiles, deeper pipelines
+            (f"{t}/{w}/{st} f16", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": True}})
+            for t, w, st in ((128, 2, 3), (128, 2, 4), (128, 4, 4), (256, 4, 2), (256, 4, 3), (256, 2, 2), (256, 8, 2))
         ]
     sweep("decode 256x4096", args, hints, nbytes, None, copy_bw, variants, read_bw)
     del args
