@@ -107,11 +107,13 @@ def _unified_attention_kernel(
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    if DECODE_ONLY:  # one program a sequence: no search, no surplus programs
+    if DECODE_ONLY:  # one program a sequence: no search, no surplus programs (sequences of <= BLOCK_Q tokens)
         seq = pid_q
         q_begin = tl.load(query_start_loc_ptr + seq)
-        q_len = 1
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
         q_first = 0
+        if q_len == 0:
+            return
     else:
         seq = _find_seq(query_start_loc_ptr, pid_q, num_seqs, BLOCK_Q)
         q_begin = tl.load(query_start_loc_ptr + seq)
@@ -302,6 +304,15 @@ def _interpreting():
 
 
 @functools.lru_cache(maxsize=None)
+def _smem_bytes(device_index):
+    """Shared memory a program may use (opt-in): 227 KB on Hopper, 99 KB on Ada (the L4, L40S)."""
+    if device_index is None or not torch.cuda.is_available():
+        return 232448  # the interpreter: an H100
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 232448)
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(device_index):
     if device_index is None or not torch.cuda.is_available():
         return 132  # the interpreter: pretend to be an H100 so the dispatch rule is the same
@@ -370,7 +381,8 @@ def unified_attention(
     out (optional): [num_tokens, num_heads, head_dim]. Returns out.
 
     max_query_len / max_seq_len: host ints the engine already knows; given both, no host sync happens
-    (CUDA-graph safe). num_kv_splits: None chooses (choose_num_kv_splits), 1 never splits, n > 1 forces
+    (CUDA-graph safe). max_query_len must be the batch's true longest chunk (or more): 1 launches one program a
+    sequence, which serves only sequences of one token (and skips empty ones). num_kv_splits: None chooses (choose_num_kv_splits), 1 never splits, n > 1 forces
     n segments (a power of 2). config: overrides default_config's keys (tuning).
     num_decodes: the first num_decodes sequences have one query token each (the engine puts decode rows
     first). In a batch that also has longer chunks they get their own launch with the decode tile: in one
@@ -436,8 +448,15 @@ def unified_attention(
             )
     if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
         raise ValueError(f"num_kv_splits {num_kv_splits} must be a power of 2")
-    if num_kv_splits > 1 and not (config and "num_stages" in config):
-        cfg["num_stages"] = 3  # few tiles per program: deeper prefetch hides the latency (measured, docs)
+    if not (config and "num_stages" in config):
+        if num_kv_splits > 1:
+            cfg["num_stages"] = 3  # few tiles per program: deeper prefetch hides the latency (measured, docs)
+        # no more K/V tiles in flight than shared memory holds (3 fp8 stages of 128 positions do not fit on Ada)
+        stage_bytes = 2 * cfg["tile_n"] * head_dim * key_cache.element_size()
+        device_index = query.device.index if query.is_cuda else None
+        if query.is_cuda and device_index is None:
+            device_index = torch.cuda.current_device()
+        cfg["num_stages"] = max(2, min(cfg["num_stages"], (_smem_bytes(device_index) - (24 << 10)) // stage_bytes))
 
     decode_only = max_query_len == 1
     grid = (num_seqs if decode_only else num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)

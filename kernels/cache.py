@@ -68,6 +68,8 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     [num_tokens] int64, -1 skipped.
     """
     num_tokens, num_kv_heads, head_dim = key.shape
+    if value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"key_cache {key_cache.dtype} and value_cache {value_cache.dtype} differ in dtype")
     if value.shape != key.shape or key_cache.shape[2:] != key.shape[1:] or value_cache.shape != key_cache.shape:
         raise ValueError(
             f"key {tuple(key.shape)}, value {tuple(value.shape)} and caches "

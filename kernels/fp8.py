@@ -17,11 +17,13 @@ import triton.language as tl
 @triton.jit
 def round_to_e4m3(x):
     """fp32 -> the nearest float8_e4m3fn value (ties to even), saturated at +-448, still in fp32."""
-    x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    nan = tl.PropagateNan.ALL  # a NaN stays NaN, as in torch's cast (not clamped to +-448)
+    x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
     exp = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # subnormals are spaced like the smallest normal binade
     ulp = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3): 3 mantissa bits
-    q = x / ulp  # exact: ulp is a power of 2
+    inv_ulp = ((127 - (exp - 3)) << 23).to(tl.float32, bitcast=True)  # 2^(3 - exp)
+    q = x * inv_ulp  # exact: a power of 2 (no division, whose GPU form is approximate)
     r = tl.floor(q)
     frac = q - r
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -31,13 +33,13 @@ def round_to_e4m3(x):
 
 @triton.jit
 def _pow2_scale(amax):
-    """reference.fp8_row_scales: the smallest 2^e with amax <= 448 * 2^e (2^-100 for 0), from amax's bits."""
+    """reference.fp8_row_scales' exponent: the smallest e with amax <= 448 * 2^e (-100 for 0), from amax's bits."""
     bits = amax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127  # amax = m * 2^e, m in [1, 2)
     e = tl.where((bits & 0x7FFFFF) <= 0x600000, e - 8, e - 7)  # m <= 1.75: 448 = 1.75 * 2^8
     e = tl.where(amax > 0, e, -100)
-    e = tl.minimum(tl.maximum(e, -100), 127)
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+    e = tl.minimum(tl.maximum(e, -100), 126)
+    return e
 
 
 @triton.jit
@@ -48,12 +50,13 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK:
     for k in range(0, K, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-    scale = _pow2_scale(tl.max(amax, axis=0))
-    tl.store(scale_ptr + row, scale)
+    e = _pow2_scale(tl.max(amax, axis=0))
+    tl.store(scale_ptr + row, ((e + 127) << 23).to(tl.float32, bitcast=True))  # 2^e
+    inv_scale = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e: x * it is exact
     for k in range(0, K, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * stride_q + offs, round_to_e4m3(x / scale).to(q_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(q_ptr + row * stride_q + offs, round_to_e4m3(x * inv_scale).to(q_ptr.dtype.element_ty), mask=offs < K)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

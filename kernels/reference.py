@@ -52,7 +52,7 @@ def fp8_row_scales(amax: torch.Tensor) -> torch.Tensor:
     bit; fp8's precision is relative, so it costs nothing but, at worst, the top binade's range."""
     f, e = torch.frexp(amax.float())  # amax = f * 2^e, f in [0.5, 1)
     e = torch.where(f <= 0.875, e - 9, e - 8)  # 448 = 0.875 * 2^9
-    e = torch.where(amax > 0, e, torch.full_like(e, -100)).clamp(-100, 127)
+    e = torch.where(amax > 0, e, torch.full_like(e, -100)).clamp(-100, 126)
     return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), e)
 
 

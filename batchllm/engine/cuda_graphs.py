@@ -24,11 +24,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def padding_table(cost: list[float], slack: float = 0.03) -> list[int]:
+def padding_table(cost: list[float], slack: float = 0.03, first: int = 0) -> list[int]:
     """For each size index i (sizes ascending, cost[i] its measured step time): the index to pad to, the
-    cheapest size at or above i when it is more than `slack` cheaper than i itself (noise stays at i)."""
-    table, best = [0] * len(cost), len(cost) - 1
-    for i in reversed(range(len(cost))):
+    cheapest size at or above i when it is more than `slack` cheaper than i itself (noise stays at i).
+    Sizes before index `first` keep their own size (see DecodeGraphs.measure)."""
+    table, best = list(range(len(cost))), len(cost) - 1
+    for i in reversed(range(first, len(cost))):
         if cost[i] <= cost[best]:
             best = i
         table[i] = best if cost[best] < (1 - slack) * cost[i] else i
@@ -79,9 +80,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def measure(self, reps: int = 3) -> None:
+    def measure(self, min_rows: int = 1, reps: int = 3) -> None:
         """Time each graph's replay with every row padding (matmuls at full size, attention on nothing) and
-        set the padding table: ~3 replays a size, a few seconds for an 8B model."""
+        set the padding table: ~3 replays a size, a few seconds for an 8B model. Batches under `min_rows`
+        keep their own size: there the attention splits long contexts (split-KV) by the batch's size, which a
+        replay on empty rows does not see, and a padded batch would split less."""
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -95,7 +98,7 @@ class DecodeGraphs:
             end.synchronize()
             cost.append(start.elapsed_time(end) / reps)
         self.cost_ms = cost
-        self._pad = padding_table(cost)
+        self._pad = padding_table(cost, first=bisect.bisect_left(self.sizes, min_rows))
 
     def padded_size(self, num_seqs: int) -> int | None:
         i = bisect.bisect_left(self.sizes, num_seqs)

@@ -98,7 +98,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, min(self.max_num_seqs, MAX_AUTO_SEQS), max_blocks,
                                        max_model_len)
             self.graphs.capture()
-            self.graphs.measure()
+            kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.graphs.measure(min_rows=-(-sms // kv_heads))  # below: split-KV batches (kernels/attention.py)
 
     @torch.no_grad()
     def _random_init(self):

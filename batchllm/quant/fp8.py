@@ -25,6 +25,14 @@ def check_device(device: torch.device, dtype: torch.dtype) -> None:
     if dtype != torch.bfloat16:
         raise ValueError(f"quantization fp8 computes in bfloat16 on CUDA; dtype is {str(dtype).split('.')[-1]}: "
                          "use dtype auto or bfloat16")
+    try:  # row-wise scaled fp8 matmuls need a recent torch on this card: find out now, not mid-profile
+        x = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 1, device=device)
+        torch._scaled_mm(x, x.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"quantization fp8: torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on "
+                         f"this GPU ({first})") from None
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +57,13 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module) -> int:
     """Quantize every MergedLinear of `model` in place; returns how many."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MergedLinear):
-            m.quantize_fp8()
-            n += 1
-    if n and next(model.parameters()).is_cuda:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MergedLinear)]
+    for name, m in layers:  # fp8 matmul kernels take K and N in multiples of 16
+        if m.in_features % 16 or m.out_features % 16:
+            raise ValueError(f"quantization fp8: {name} is {m.out_features}x{m.in_features}; fp8 matmuls need both "
+                             "sizes in multiples of 16")
+    for _, m in layers:
+        m.quantize_fp8()
+    if layers and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the freed full-precision weights
-    return n
+    return len(layers)

@@ -32,7 +32,6 @@ def test_fp8_cache_holds_four_times_the_blocks_and_stays_close(tiny_model_factor
         token = w.token_ids[0]
         same += o.token_ids[0] == token
         top = o.logprobs[0]
-        assert token in top or o.token_ids[0] != token
         gaps.append(abs(top[token] - w.logprobs[0][token]) if token in top else math.inf)
     assert same >= 6, (same, gaps)  # the rounding may flip a near-tie (seen: 7 of 8 kept), not more
     assert sorted(gaps)[len(gaps) // 2] < 0.05, gaps  # the typical logprob moves by a few hundredths at most

@@ -52,3 +52,15 @@ def test_engine_fp8_weights_close_to_unquantized(tiny_model_factory):
     assert same >= 4 and len(gaps) >= 5 and max(gaps) < 0.2, (same, gaps)
     outs = q.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert all(len(o.token_ids) == 6 for o in outs)
+
+
+def test_sizes_not_multiples_of_16_are_refused():
+    import pytest
+    from torch import nn
+
+    from batchllm.quant.fp8 import quantize_model
+
+    model = nn.Module()
+    model.proj = MergedLinear(64, {"a": 40})
+    with pytest.raises(ValueError, match=r"quantization fp8: proj is 40x64; fp8 matmuls need both sizes"):
+        quantize_model(model)

@@ -161,13 +161,20 @@ def test_reshape_and_cache_fp8():
     caches = [torch.zeros(shape, device="cuda", dtype=torch.float8_e4m3fn) for _ in range(4)]
     kv = torch.randn(num_tokens, 2 * NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
     kv = (kv * torch.exp(3 * torch.randn(kv.shape, device="cuda", generator=gen))).to(torch.bfloat16)
+    kv[5, 0, 3] = float("nan")  # stays NaN (not clamped to +-448)
     key, value = kv[:, :NUM_KV_HEADS], kv[:, NUM_KV_HEADS:]
     slots = torch.randperm(num_blocks * 16, device="cuda", generator=gen)[:num_tokens]
     slots[torch.randperm(num_tokens, device="cuda", generator=gen)[:500]] = -1
+    free = torch.ones(num_blocks * 16, dtype=torch.bool, device="cuda")
+    free[slots[slots >= 0]] = False
+    slots[5] = free.nonzero()[0, 0]  # the NaN's token is written, to a slot of its own
     reference.reshape_and_cache(key, value, caches[0], caches[1], slots)
     cache.reshape_and_cache(key, value, caches[2], caches[3], slots)
-    assert torch.equal(caches[2].float(), caches[0].float()) and torch.equal(caches[3].float(), caches[1].float())
-    assert caches[0].float().abs().max() == 448.0
+    for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
+        assert torch.equal(got.float().isnan(), want.float().isnan())
+        assert torch.equal(got.float().nan_to_num(), want.float().nan_to_num())
+    assert caches[2].float().isnan().sum() == 1
+    assert caches[0].float().nan_to_num().abs().max() == 448.0
 
 
 def test_quantize_rows_fp8():

@@ -125,6 +125,19 @@ def test_padding_rows_untouched(splits, device, paged_batch):
     assert out[3:].isnan().all()
 
 
+def test_decode_launch_skips_empty_sequences(device, paged_batch, relative_error):
+    # a decode-only launch (max_query_len 1) runs one program a sequence: one with no token writes nothing
+    b = paged_batch([1, 0, 1, 0], [30, 9, 64, 3], 4, 2, 64, 16, torch.float32, device, seed=19)
+    q = torch.cat([b["query"], torch.randn(1, 4, 64, device=device)])
+    out = torch.full_like(q, float("nan"))
+    unified_attention(q, b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"], b["block_table"],
+                      out=out, max_query_len=1, max_seq_len=64)
+    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                    b["seq_lens"], b["block_table"])
+    assert relative_error(out[:2], ref) < 1e-4
+    assert out[2:].isnan().all()
+
+
 def test_scale_and_strided_query(device, paged_batch, relative_error):
     # query as a view into a wider buffer (as a fused QKV projection leaves it), explicit scale.
     q_lens, ctx_lens = BATCHES["mixed"]
