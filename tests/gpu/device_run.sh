@@ -191,3 +191,8 @@ fi
 if [ "$phase" = fp8sweep ]; then  # session 5: fp8 decode around its default (warps, longer tiles, deeper pipelines)
   python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^decode" | tail -n 8
 fi
+if [ "$phase" = mends ]; then  # session 5: the review mends on the GPU: all GPU tests, llama3-8b with an fp8 KV cache
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short -rA 2>&1 | grep -v DEBUG | grep -E "passed|failed|error|fp8 |FAIL|Error|assert" | tail -n 30 | tee "$OUT/gpu_tests.log"
+  $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kv-fp8.json" 2>&1 | grep -E "^engine|^steps|roofline|one kernel"
+fi
