@@ -17,8 +17,9 @@ import triton.language as tl
 @triton.jit
 def round_to_e4m3(x):
     """fp32 -> the nearest float8_e4m3fn value (ties to even), saturated at +-448, still in fp32."""
-    nan = tl.PropagateNan.ALL  # a NaN stays NaN, as in torch's cast (not clamped to +-448)
-    x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+    # a NaN stays NaN, as in torch's cast (not clamped to +-448)
+    x = tl.maximum(x.to(tl.float32), -448.0, propagate_nan=tl.PropagateNan.ALL)
+    x = tl.minimum(x, 448.0, propagate_nan=tl.PropagateNan.ALL)
     exp = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # subnormals are spaced like the smallest normal binade
     ulp = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3): 3 mantissa bits
