@@ -88,9 +88,15 @@ def load_config(path):
             config = gguf_meta.load(p, "config", AutoConfig)
             config._name_or_path = str(p.parent)  # as when parsed from the GGUF
             return config
-        return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except ValueError as e:  # unknown model_type / unsupported GGUF architecture
         raise ModelError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant:  # FP8 / AWQ / GPTQ checkpoints store packed weights and scales the loader does not read
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ModelError(f"{p} is a pre-quantized checkpoint (quant_method {method}), which batchllm cannot load "
+                         "yet; use the full-precision checkpoint, with quantization: fp8 to quantize it at load")
+    return config
 
 
 def load_tokenizer(path):

@@ -64,6 +64,19 @@ def test_load_config_and_model_key(tiny, tmp_path):
     assert loader.model_key(single) != loader.model_key(sharded)
 
 
+def test_pre_quantized_checkpoints_are_refused_in_one_line(tiny, tmp_path):
+    import json
+    import shutil
+
+    _, single, _ = tiny
+    shutil.copytree(single, tmp_path / "fp8", dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"pre-quantized checkpoint \(quant_method fp8\).*quantization: fp8"):
+        loader.load_config(tmp_path / "fp8")
+
+
 def test_pickles_are_refused_never_opened(tmp_path):
     _tiny_llama().config.save_pretrained(tmp_path)
     # Not even a valid pickle: if the loader tried to unpickle it, the error would differ.
