@@ -194,7 +194,7 @@ def _attend_rows(
     )
     if UPCAST:
         q = q.to(tl.float32)
-    elif F16_DOT:  # exact for a bf16 query within fp16's range (clamped to it)
+    elif F16_DOT:  # exact for bf16 values within fp16's normal range (clamped to its max)
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     q_pos = context_len + q_local  # cache position of each row; it sees keys 0..q_pos
 
