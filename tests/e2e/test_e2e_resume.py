@@ -13,11 +13,12 @@ import pytest
 from runner_helpers import by_id, cli, jsonl_bytes, job_doc, read_table, review_rows, write_job
 
 ROWS = 24
-# few sequences at a time and small parts: the shard takes many steps and commits often, so a kill
-# lands mid-shard.
+# one sequence at a time, 48 tokens each, and small parts: the shard takes ~1,000 steps (seconds, where 8
+# tokens at 4 sequences took ~0.1 s and a signal could land after the last row) and commits often, so a kill
+# lands mid-shard and a SIGTERM finds rows still to admit.
 SECTIONS = dict(name="resume", output={"columns": ["text"], "rows_per_part": 3},
-                engine={"max_num_seqs": 4}, compute={"rows_per_shard": 15, "grace_period_s": 10},
-                sampling={"max_tokens": 8, "temperature": 0.0})
+                engine={"max_num_seqs": 1}, compute={"rows_per_shard": 15, "grace_period_s": 10},
+                sampling={"max_tokens": 48, "temperature": 0.0, "ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
