@@ -74,13 +74,12 @@ def _engine_options(f):
     return f
 
 
-def _engine_args(device, dtype, kv_cache_dtype, quantization, max_num_seqs, max_num_batched_tokens, num_kv_blocks, max_model_len,
-                 enforce_eager, async_scheduling, **extra):
+def _engine_args(device, dtype, kv_cache_dtype, quantization, max_num_seqs, max_num_batched_tokens, num_kv_blocks,
+                 max_model_len, enforce_eager, async_scheduling, **extra):
     return dict(device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, enforce_eager=enforce_eager or None,
-                async_scheduling=async_scheduling, **extra)
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
+                max_model_len=max_model_len, enforce_eager=enforce_eager or None, async_scheduling=async_scheduling,
+                **extra)
 
 
 def _len_spec(fixed, rng, name):

@@ -104,11 +104,11 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg, dense_params: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
                     dense_dtype: torch.dtype | None = None) -> "ModelShape":
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        from batchllm.engine.model_runner import kv_geometry
+
+        kv_heads, head_dim = kv_geometry(cfg)
         return cls(dense_params=dense_params, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
-                   layers=cfg.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=kv_heads, head_dim=head_dim,
                    elt=dtype.itemsize, kv_elt=(kv_dtype or dtype).itemsize,
                    dense_elt=(dense_dtype or dtype).itemsize)
 

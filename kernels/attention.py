@@ -23,13 +23,14 @@ How the work is cut:
   and writes partial (max, sum, unnormalised acc) per segment; `_reduce_segments_kernel` combines them.
   Used for decode-only batches with too few (sequence, KV head) pairs to fill the GPU and long contexts.
 """
-import functools
 import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from batchllm.kernels.attention_config import cap_stages, choose_num_kv_splits, default_config, device_limits
 
 _LOG2E = 1.4426950408889634
 
@@ -303,61 +304,6 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_bytes(device_index):
-    """Shared memory a program may use (opt-in): 227 KB on Hopper, 99 KB on Ada (the L4, L40S)."""
-    if device_index is None or not torch.cuda.is_available():
-        return 232448  # the interpreter: an H100
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 232448)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
-    if device_index is None or not torch.cuda.is_available():
-        return 132  # the interpreter: pretend to be an H100 so the dispatch rule is the same
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_num_kv_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms, tile_n=64):
-    """Split-KV segments for a batch: 1 (no split) unless it is decode-only, has too few
-    (sequence, KV head) programs to fill the GPU, and its longest sequence has tiles to spare.
-    Then the smallest power of 2 giving about two programs per SM, keeping >= 4 tiles a segment."""
-    programs = num_seqs * num_kv_heads
-    if max_query_len != 1 or programs >= num_sms:
-        return 1
-    splits = 1
-    while programs * splits < 2 * num_sms and splits < 64:
-        splits *= 2
-    while splits > 1 and max_seq_len < 4 * tile_n * splits:
-        splits //= 2
-    return splits
-
-
-def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
-    """Tile shapes and launch settings for one launch (override with unified_attention's config=).
-
-    block_m: rows per program for prefill chunks; small_m: the row tile a program with few tokens left
-    (decode rows, chunk tails) switches to inside the same launch (0: never; None: 16 when block_m >= 128,
-    where it paid on an H200 (mixed batch 1.99 -> 1.43 ms), else 0, where it cost ~2%: docs/kernels.md).
-    An fp8 cache: K/V widened to fp16 with the query (f16_dot: one conversion instruction for two values, not
-    bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
-    flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
-    chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
-    """
-    wide = dtype == torch.float32 or head_dim > 128
-    fp8 = kv_dtype == torch.float8_e4m3fn
-    fp8_decode = fp8 and max_query_len <= 1
-    return {
-        "block_m": 16 if max_query_len <= 1 else 64,
-        "small_m": None,
-        "tile_n": (32 if wide else 64) * (2 if fp8_decode else 1),
-        "f16_dot": fp8,
-        "num_warps": 4,
-        "num_stages": 3 if fp8_decode else 2,
-    }
-
-
 def unified_attention(
     query,
     key_cache,
@@ -434,29 +380,25 @@ def unified_attention(
     small_m = max(small_m, qpk_pad, 16) if small_m else 0
     small_q = small_m // qpk_pad if 0 < small_m < block_m else 0
 
+    device_index = None  # the interpreter
+    if query.is_cuda:
+        device_index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    num_sms, smem_bytes = device_limits(device_index)
     if num_kv_splits is None:
         if max_query_len != 1:
             num_kv_splits = 1
         else:
             if max_seq_len is None:  # host sync: the engine passes it
                 max_seq_len = int(seq_lens.max())
-            device_index = query.device.index if query.is_cuda else None
-            if query.is_cuda and device_index is None:
-                device_index = torch.cuda.current_device()
-            num_kv_splits = choose_num_kv_splits(
-                num_seqs, num_kv_heads, max_query_len, max_seq_len, _num_sms(device_index), cfg["tile_n"]
-            )
+            num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms,
+                                                 cfg["tile_n"])
     if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
         raise ValueError(f"num_kv_splits {num_kv_splits} must be a power of 2")
     if not (config and "num_stages" in config):
         if num_kv_splits > 1:
             cfg["num_stages"] = 3  # few tiles per program: deeper prefetch hides the latency (measured, docs)
-        # no more K/V tiles in flight than shared memory holds (3 fp8 stages of 128 positions do not fit on Ada)
-        stage_bytes = 2 * cfg["tile_n"] * head_dim * key_cache.element_size()
-        device_index = query.device.index if query.is_cuda else None
-        if query.is_cuda and device_index is None:
-            device_index = torch.cuda.current_device()
-        cfg["num_stages"] = max(2, min(cfg["num_stages"], (_smem_bytes(device_index) - (24 << 10)) // stage_bytes))
+        cfg["num_stages"] = cap_stages(cfg["num_stages"], cfg["tile_n"], head_dim, key_cache.element_size(),
+                                       smem_bytes)
 
     decode_only = max_query_len == 1
     grid = (num_seqs if decode_only else num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)

@@ -15,6 +15,7 @@ cache anywhere in the engine.
 import torch
 import torch.nn.functional as F
 
+
 def _storage(t: torch.Tensor) -> torch.dtype:
     """The dtype to copy t's elements as: fp8 as bytes (torch's CPU index ops do not take fp8)."""
     return torch.uint8 if t.dtype == torch.float8_e4m3fn else t.dtype
@@ -42,8 +43,9 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     if slots.numel() and int(slots.min()) < 0:  # padding rows: drop them
         keep = slots >= 0
         slots, key, value = slots[keep], key[keep], value[keep]
-    flat_k.view(_storage(flat_k)).index_copy_(0, slots, to_cache_dtype(key, key_cache.dtype).view(_storage(flat_k)))
-    flat_v.view(_storage(flat_v)).index_copy_(0, slots, to_cache_dtype(value, value_cache.dtype).view(_storage(flat_v)))
+    for flat, new in ((flat_k, key), (flat_v, value)):
+        raw = _storage(flat)
+        flat.view(raw).index_copy_(0, slots, to_cache_dtype(new, flat.dtype).view(raw))
 
 
 def fp8_row_scales(amax: torch.Tensor) -> torch.Tensor:

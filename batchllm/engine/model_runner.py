@@ -21,12 +21,16 @@ from batchllm.models.registry import model_class
 log = logging.getLogger("batchllm.engine")
 
 
-def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+def kv_geometry(hf_config) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) of a model's attention."""
     heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    elt = torch.empty((), dtype=dtype).element_size()
-    return 2 * hf_config.num_hidden_layers * block_size * kv_heads * head_dim * elt
+    return (getattr(hf_config, "num_key_value_heads", None) or heads,
+            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
+
+
+def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+    kv_heads, head_dim = kv_geometry(hf_config)
+    return 2 * hf_config.num_hidden_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 class ModelRunner:
@@ -36,13 +40,12 @@ class ModelRunner:
         self.device = torch.device(config.resolved_device())
         self.dtype = config.resolved_dtype()
         self.kv_dtype = config.resolved_kv_cache_dtype()
-        if self.kv_dtype == torch.float8_e4m3fn and self.device.type == "cuda":
-            cc = torch.cuda.get_device_capability(self.device)
-            if cc < (8, 9):
-                raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper);"
-                                 f" this one is {cc[0]}.{cc[1]}")
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        if self.kv_dtype == torch.float8_e4m3fn:
+            from batchllm.quant.fp8 import require_fp8_gpu
+
+            require_fp8_gpu(self.device, "kv_cache_dtype fp8")
         if config.quantization == "fp8":
             from batchllm.quant import fp8
 
@@ -98,7 +101,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, min(self.max_num_seqs, MAX_AUTO_SEQS), max_blocks,
                                        max_model_len)
             self.graphs.capture()
-            kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+            kv_heads, _ = kv_geometry(hf_config)
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.graphs.measure(min_rows=-(-sms // kv_heads))  # below: split-KV batches (kernels/attention.py)
 
@@ -143,9 +146,7 @@ class ModelRunner:
         q_lens, num_decodes = profile_q_lens(tokens, max(1, min(rows, tokens // 2)))
         num_seqs = len(q_lens)
         blocks = -(-q_lens // self.block_size)
-        h = self.hf_config
-        kv_heads = getattr(h, "num_key_value_heads", None) or h.num_attention_heads
-        head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
+        kv_heads, head_dim = kv_geometry(self.hf_config)
         cache = torch.empty((int(blocks.sum()), self.block_size, kv_heads, head_dim), dtype=self.kv_dtype,
                             device=self.device)
         for layer in self.model.attention_layers():
@@ -165,7 +166,7 @@ class ModelRunner:
             block_table=torch.tensor(table, device=dev), slot_mapping=torch.tensor(slots, device=dev),
             max_query_len=int(q_lens.max()), max_seq_len=int(q_lens.max()),
             num_decodes=num_decodes if self.split_decodes else 0)
-        ids = torch.randint(0, h.vocab_size, (tokens,), device=dev)
+        ids = torch.randint(0, self.hf_config.vocab_size, (tokens,), device=dev)
         hidden = self.model(ids, torch.tensor(positions, device=dev), meta)
         logits = self.model.compute_logits(hidden[: min(rows, tokens)])
         logits.sort(dim=-1)  # top-k/top-p sampling sorts the logits
@@ -178,10 +179,7 @@ class ModelRunner:
         return peak
 
     def _allocate_kv_cache(self):
-        h = self.hf_config
-        heads = h.num_attention_heads
-        kv_heads = getattr(h, "num_key_value_heads", None) or heads
-        head_dim = getattr(h, "head_dim", None) or h.hidden_size // heads
+        kv_heads, head_dim = kv_geometry(self.hf_config)
         shape = (self.num_kv_blocks, self.block_size, kv_heads, head_dim)
         self.kv_caches = []
         # zeros, not empty: attention reads padded slots past a sequence's end with weight 0, and 0 * NaN

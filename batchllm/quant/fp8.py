@@ -13,15 +13,21 @@ from batchllm.kernels import reference
 from batchllm.layers.linear import MergedLinear
 
 
+def require_fp8_gpu(device: torch.device, what: str) -> None:
+    """Raise ValueError if `device` is a CUDA GPU without fp8 (compute capability under 8.9); the CPU passes."""
+    if device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 9):
+            raise ValueError(f"{what} needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is "
+                             f"{cc[0]}.{cc[1]}")
+
+
 def check_device(device: torch.device, dtype: torch.dtype) -> None:
     """Raise ValueError where fp8 matmuls cannot run: CUDA before compute capability 8.9, or CUDA with a
     result dtype other than bf16 (torch's row-wise scaled matmul returns bf16 only)."""
+    require_fp8_gpu(device, "quantization fp8")
     if device.type != "cuda":
         return
-    cc = torch.cuda.get_device_capability(device)
-    if cc < (8, 9):
-        raise ValueError(f"quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one "
-                         f"is {cc[0]}.{cc[1]}")
     if dtype != torch.bfloat16:
         raise ValueError(f"quantization fp8 computes in bfloat16 on CUDA; dtype is {str(dtype).split('.')[-1]}: "
                          "use dtype auto or bfloat16")
