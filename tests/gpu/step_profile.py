@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from batchllm import LLM, SamplingParams
+from batchllm.engine.config import MIN_AUTO_SEQS
 from batchllm.engine.request import Request, RequestStatus
 from results import write_result  # tests/gpu/results.py, beside this script
 
@@ -59,8 +60,10 @@ def main():
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--tag", default="", help="step_profile<tag>.json")
     args = ap.parse_args()
+    # the default cap, as in the runs before session 5, unless the rows asked for need more than its floor
+    cap = args.decode + 1 if args.decode >= MIN_AUTO_SEQS else None
     llm = LLM(args.model, device=args.device, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-              max_num_seqs=max(256, args.decode + 1))
+              max_num_seqs=cap)
     acts = [torch.profiler.ProfilerActivity.CUDA if args.device == "cuda" else torch.profiler.ProfilerActivity.CPU]
     vocab = llm.hf_config.vocab_size
     rng = np.random.default_rng(0)
