@@ -103,9 +103,15 @@ def _unified_attention_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32)
     UPCAST: tl.constexpr,  # Triton's interpreter gets 16-bit dots wrong: do them in fp32 there
     F16_DOT: tl.constexpr,  # fp8 cache: widen K/V to fp16 (one conversion, 2 values an instruction), not bf16
+    HEADS_INNER: tl.constexpr,  # program i serves KV head i % num_kv_heads: a sequence's heads run side by side
 ):
-    pid_q = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_INNER:
+        pid = tl.program_id(0)
+        pid_q = pid // (num_heads // NUM_QPK)
+        kv_head = pid % (num_heads // NUM_QPK)
+    else:
+        pid_q = tl.program_id(0)
+        kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
     if DECODE_ONLY:  # one program a sequence: no search, no surplus programs (sequences of <= BLOCK_Q tokens)
@@ -401,7 +407,12 @@ def unified_attention(
                                        smem_bytes)
 
     decode_only = max_query_len == 1
-    grid = (num_seqs if decode_only else num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
+    q_programs = num_seqs if decode_only else num_tokens // block_q + num_seqs
+    heads_inner = bool(cfg["heads_inner"])
+    if heads_inner:
+        grid = (q_programs * num_kv_heads, 1, num_kv_splits)
+    else:
+        grid = (q_programs, num_kv_heads, num_kv_splits)
     if num_kv_splits > 1:
         part_max = torch.empty((num_tokens, num_heads, num_kv_splits), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -437,6 +448,7 @@ def unified_attention(
         IEEE=query.dtype == torch.float32 or _interpreting(),
         UPCAST=query.dtype != torch.float32 and _interpreting(),
         F16_DOT=bool(cfg["f16_dot"]) and key_cache.dtype == torch.float8_e4m3fn and query.dtype != torch.float32,
+        HEADS_INNER=heads_inner,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -61,4 +61,5 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
         "f16_dot": fp8,
         "num_warps": 4,
         "num_stages": 3 if fp8_decode else 2,
+        "heads_inner": False,
     }

@@ -196,3 +196,11 @@ if [ "$phase" = mends ]; then  # session 5: the review mends on the GPU: all GPU
   $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
     --output-len-range 100 1024 --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kv-fp8.json" 2>&1 | grep -E "^engine|^steps|roofline|one kernel"
 fi
+if [ "$phase" = s6a ]; then  # session 6: GPU tests at the review's tree; the order K/V is read in; llama3-8b fp8 KV / bf16
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short -rA 2>&1 | grep -v DEBUG | grep -E "passed|failed|error|FAIL|Error|assert" | tail -n 30 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/layout_bench.py 2>&1 | tail -n 26
+  for q in "--kv-cache-dtype fp8" "--kv-cache-dtype auto"; do
+    $B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 \
+      --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^KV|^peaks|roofline|one kernel|of that"
+  done
+fi

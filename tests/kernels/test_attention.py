@@ -113,6 +113,28 @@ def test_tile_shapes(config, device, paged_batch, relative_error):
     assert relative_error(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("batch, splits", [("mixed", 1), ("decode", 1), ("decode", 4), ("prefix", 1)])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_heads_inner_and_head_major_cache(batch, splits, head_major, device, paged_batch, relative_error):
+    # programs ordered KV-head-fastest (config heads_inner); and a cache laid out head-major in memory, passed
+    # as a [num_blocks, block_size, num_kv_heads, head_dim] view: the kernel reads it through its strides.
+    q_lens, ctx_lens = BATCHES[batch]
+    b = paged_batch(q_lens, ctx_lens, 8, 4, 64, 16, torch.float32, device, seed=23)
+    k, v = b["key_cache"], b["value_cache"]
+    if head_major:
+        k = k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        v = v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        assert k.stride(2) == 16 * 64  # really head-major
+    out = torch.full_like(b["query"], float("nan"))
+    unified_attention(b["query"], k, v, b["query_start_loc"], b["seq_lens"], b["block_table"], out=out,
+                      max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)),
+                      num_kv_splits=splits, config={"heads_inner": True})
+    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                    b["seq_lens"], b["block_table"])
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_padding_rows_untouched(splits, device, paged_batch):
     # CUDA-graph padding: query rows past query_start_loc[-1] belong to no sequence and stay as they were.
