@@ -50,6 +50,9 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
     bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
     flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
     chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
+    heads_inner: programs ordered KV-head-fastest, so a sequence's heads run side by side and read each cache
+    position's heads (adjacent in memory) together. On an H200: 1-4% off decode and mixed launches, bf16 and
+    fp8 (tests/gpu/layout_bench.py, docs/kernels.md).
     """
     wide = dtype == torch.float32 or head_dim > 128
     fp8 = kv_dtype == torch.float8_e4m3fn
@@ -61,5 +64,5 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
         "f16_dot": fp8,
         "num_warps": 4,
         "num_stages": 3 if fp8_decode else 2,
-        "heads_inner": False,
+        "heads_inner": True,
     }

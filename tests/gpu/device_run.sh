@@ -204,3 +204,14 @@ if [ "$phase" = s6a ]; then  # session 6: GPU tests at the review's tree; the or
       --output-len-range 100 1024 $q --json "$OUT/llama3-8b$(echo $q | tr -d ' -').json" 2>&1 | grep -E "^engine|^steps|^KV|^peaks|roofline|one kernel|of that"
   done
 fi
+if [ "$phase" = s6b ]; then  # session 6: GPU tests with heads_inner on; llama3-8b bf16 with it on and off, fp8 KV, both fp8
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|^KV|^peaks|roofline|one kernel|of that"
+  $L --json "$OUT/llama3-8b-inner.json" 2>&1 | grep -E "$G"
+  sed -i 's/"heads_inner": True/"heads_inner": False/' kernels/attention_config.py  # this copy only: the order before
+  $L --json "$OUT/llama3-8b-outer.json" 2>&1 | grep -E "$G"
+  sed -i 's/"heads_inner": False/"heads_inner": True/' kernels/attention_config.py
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
+fi

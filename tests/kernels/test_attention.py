@@ -114,10 +114,12 @@ def test_tile_shapes(config, device, paged_batch, relative_error):
 
 
 @pytest.mark.parametrize("batch, splits", [("mixed", 1), ("decode", 1), ("decode", 4), ("prefix", 1)])
-@pytest.mark.parametrize("head_major", [False, True])
-def test_heads_inner_and_head_major_cache(batch, splits, head_major, device, paged_batch, relative_error):
-    # programs ordered KV-head-fastest (config heads_inner); and a cache laid out head-major in memory, passed
-    # as a [num_blocks, block_size, num_kv_heads, head_dim] view: the kernel reads it through its strides.
+@pytest.mark.parametrize("head_major, heads_inner", [(False, False), (True, False), (True, True)])
+def test_program_order_and_head_major_cache(batch, splits, head_major, heads_inner, device, paged_batch,
+                                            relative_error):
+    # both program orders (config heads_inner: KV-head-fastest, the default; or sequence-fastest); and a cache
+    # laid out head-major in memory, passed as a [num_blocks, block_size, num_kv_heads, head_dim] view: the
+    # kernel reads it through its strides.
     q_lens, ctx_lens = BATCHES[batch]
     b = paged_batch(q_lens, ctx_lens, 8, 4, 64, 16, torch.float32, device, seed=23)
     k, v = b["key_cache"], b["value_cache"]
@@ -128,7 +130,7 @@ def test_heads_inner_and_head_major_cache(batch, splits, head_major, device, pag
     out = torch.full_like(b["query"], float("nan"))
     unified_attention(b["query"], k, v, b["query_start_loc"], b["seq_lens"], b["block_table"], out=out,
                       max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)),
-                      num_kv_splits=splits, config={"heads_inner": True})
+                      num_kv_splits=splits, config={"heads_inner": heads_inner})
     ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
                                     b["seq_lens"], b["block_table"])
     assert not out.isnan().any()
