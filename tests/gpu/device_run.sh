@@ -215,3 +215,9 @@ if [ "$phase" = s6b ]; then  # session 6: GPU tests with heads_inner on; llama3-
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
 fi
+if [ "$phase" = s6c ]; then  # session 6: where a full prefill/mixed step's time goes (8k tokens); qwen3-0.6b and prefix
+  python3 tests/gpu/step_profile.py --model llama3-8b --decode 400 --prompt 8000 --tag=-mixed8k 2>&1 | grep -v "^USDT" | tail -n 44
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | grep -E "^engine|^steps"
+  $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 6
+fi
