@@ -221,3 +221,6 @@ if [ "$phase" = s6c ]; then  # session 6: where a full prefill/mixed step's time
     --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | grep -E "^engine|^steps"
   $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 6
 fi
+if [ "$phase" = s6d ]; then  # session 6: prefill attention over tile shapes, against torch's dense flash SDPA
+  python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 30
+fi
