@@ -17,6 +17,11 @@ How the work is cut:
   decode-only launch (max_query_len 1) runs one program a sequence instead: no search, no surplus.
 - K/V are walked in tiles of TILE_N cache positions; each position's physical block comes from the
   block table, so a tile may span several (non-contiguous) paged blocks. Online softmax in fp32 (exp2).
+  In prefill launches the tiles every row of a program sees whole run without masks, and only the causal
+  diagonal and the last partial tile with them (H200: 8k-token prefill 1.83 -> 1.58 ms a layer); decode
+  launches keep one masked loop, which was faster at ~1k-token contexts (docs/kernels.md).
+- Programs run KV-head-fastest (heads_inner): a sequence's KV heads side by side, reading each cache
+  position's heads, which lie together in memory, at about the same time.
 - An fp8 cache (float8_e4m3fn) is widened to the query's dtype right after each tile's load: half the bytes
   moved, the same MMAs.
 - Split-KV (flash-decoding): with NUM_SEGMENTS > 1 the same kernel walks only its segment of the tiles
@@ -138,6 +143,7 @@ def _unified_attention_kernel(
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_bt,
                 NUM_QPK, QPK_PAD, SMALL_Q, SMALL_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
+                DECODE_ONLY,
             )
         else:
             _attend_rows(
@@ -146,6 +152,7 @@ def _unified_attention_kernel(
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_bt,
                 NUM_QPK, QPK_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
+                DECODE_ONLY,
             )
     else:
         _attend_rows(
@@ -154,7 +161,63 @@ def _unified_attention_kernel(
             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
             stride_vb, stride_vs, stride_vh, stride_bt,
             NUM_QPK, QPK_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
+            DECODE_ONLY,
         )
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, tile, kv_len, q_pos, qk_scale, block_row, k_head, v_head,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every row sees every key of this tile, and the tile lies under kv_len
+):
+    """One K/V tile of the online softmax: returns the updated (row max, row sum, accumulator)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_pos = tile * TILE_N + tl.arange(0, TILE_N)
+    k_ok = k_pos < kv_len
+    # int64 before the multiply: block * stride passes 2^31 in large caches.
+    if MASKED:
+        block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_row + k_pos // BLOCK_SIZE).to(tl.int64)
+    in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_head + (block * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None]  # [HEAD_DIM, TILE_N]
+    v_ptrs = v_head + (block * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :]  # [TILE_N, HEAD_DIM]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    k = k.to(q.dtype)  # an fp8 cache is widened here; UPCAST: fp32
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    if MASKED:
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see no key at all
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    v = v.to(q.dtype)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -184,6 +247,7 @@ def _attend_rows(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     F16_DOT: tl.constexpr,
+    DECODE_ONLY: tl.constexpr,
 ):
     """One tile of BLOCK_M rows (BLOCK_Q tokens x QPK_PAD heads of one KV head) over its K/V segment."""
     context_len = seq_len - q_len
@@ -219,46 +283,30 @@ def _attend_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    offs_n = tl.arange(0, TILE_N)
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_head = key_cache_ptr + kv_head * stride_kh
     v_head = value_cache_ptr + kv_head * stride_vh
 
-    for tile in range(tile_lo, tile_hi):
-        k_pos = tile * TILE_N + offs_n
-        k_ok = k_pos < kv_len
-        # int64 before the multiply: block * stride passes 2^31 in large caches.
-        block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(  # [HEAD_DIM, TILE_N]
-            k_head + (block * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None],
-            mask=k_ok[None, :],
-            other=0.0,
-        )
-        k = k.to(q.dtype)  # an fp8 cache is widened here; UPCAST: fp32
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * qk_scale
-        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see no key at all
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(  # [TILE_N, HEAD_DIM]
-            v_head + (block * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None],
-            other=0.0,
-        )
-        v = v.to(q.dtype)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if DECODE_ONLY:  # one loop, masked: at decode's ~1k-token contexts a second loop costs more than the masks
+        for tile in range(tile_lo, tile_hi):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, kv_len, q_pos, qk_scale, block_row, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, IEEE, True,
+            )
+    else:
+        # Tiles every row of this program sees whole (keys before its first row's position, all under kv_len)
+        # go without masks; the rest (the causal diagonal, the last partial tile) with them.
+        num_full = (context_len + q_first + 1) // TILE_N
+        for tile in range(tile_lo, tl.minimum(tile_hi, num_full)):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, kv_len, q_pos, qk_scale, block_row, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, IEEE, False,
+            )
+        for tile in range(tl.maximum(tile_lo, num_full), tile_hi):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, kv_len, q_pos, qk_scale, block_row, k_head, v_head,
+                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, IEEE, True,
+            )
 
     if NUM_SEGMENTS == 1:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -224,3 +224,32 @@ fi
 if [ "$phase" = s6d ]; then  # session 6: prefill attention over tile shapes, against torch's dense flash SDPA
   python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 30
 fi
+if [ "$phase" = s6e ]; then  # session 6: unmasked tiles below the diagonal, against the kernel before (.ab/attention_before.py)
+  python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 12
+  python3 tests/gpu/layout_bench.py 2>&1 | grep -E "nhd heads-inner" | tail -n 12
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|roofline|one kernel|of that"
+  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  if [ -f .ab/attention_before.py ]; then
+    cp .ab/attention_before.py kernels/attention.py && mkdir -p "$OUT/before" && echo "--- the kernel before"
+    OUT="$OUT/before" python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 12
+    OUT="$OUT/before" python3 tests/gpu/layout_bench.py 2>&1 | grep -E "nhd heads-inner" | tail -n 12
+  fi
+fi
+if [ "$phase" = s6f ]; then  # session 6, the final tree: GPU tests; prefill/decode kernels (and decode before); llama3-8b; prefix
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | grep -E "default|sdpa" | tail -n 8
+  python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8).*nhd heads-inner" | tail -n 8
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|^peaks|roofline|one kernel|of that"
+  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
+  $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 4
+  if [ -f .ab/attention_before.py ]; then
+    cp .ab/attention_before.py kernels/attention.py && mkdir -p "$OUT/before" && echo "--- decode with the kernel before (heads_inner, no unmasked loop)"
+    OUT="$OUT/before" python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8).*nhd heads-inner" | tail -n 8
+  fi
+fi
