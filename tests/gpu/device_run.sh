@@ -253,3 +253,7 @@ if [ "$phase" = s6f ]; then  # session 6, the final tree: GPU tests; prefill/dec
     OUT="$OUT/before" python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8).*nhd heads-inner" | tail -n 8
   fi
 fi
+if [ "$phase" = s6g ]; then  # session 6: device idle between a step's kernels; prefill tiles after the unmasked loop (bf16, fp8)
+  python3 tests/gpu/step_profile.py --model llama3-8b --decode 400 --tag=-gaps 2>&1 | grep -v "^USDT" | grep -E "step:|kernels|idle| us " | tail -n 24
+  python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 40
+fi

@@ -26,6 +26,13 @@ CASES = {  # name: (query lens, context lens)
 VARIANTS = [("default", {})] + [
     (f"m{m}/n{n}/w{w}/s{s}", {"config": {"block_m": m, "tile_n": n, "num_warps": w, "num_stages": s, "small_m": 0}})
     for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+] + [("m128/n32/w4/s2 small16", {"config": {"block_m": 128, "tile_n": 32, "num_warps": 4, "num_stages": 2,
+                                             "small_m": 16}})]
+FP8_CASES = {"16x512 fp8": CASES["16x512"], "8x512 over 1-4k fp8": CASES["8x512 over 1-4k"]}
+FP8_VARIANTS = [("default", {})] + [
+    (f"m{m}/n{n}/w{w}/s{s}", {"config": {"block_m": m, "tile_n": n, "num_warps": w, "num_stages": s, "small_m": 0}})
+    for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 2), (128, 64, 4, 2), (128, 32, 8, 2),
+                       (128, 64, 8, 2), (128, 64, 4, 3))
 ]
 
 
@@ -58,10 +65,15 @@ def main():
         kb.sweep(label, args, hints, None, flops, None, VARIANTS)
         del args
         torch.cuda.empty_cache()
+    for label, (q_lens, ctx) in FP8_CASES.items():
+        args, hints, nbytes = kb.batch(q_lens, ctx, seed=5, kv_dt=torch.float8_e4m3fn)
+        kb.sweep(label, args, hints, None, kb.attn_flops(q_lens, ctx), None, FP8_VARIANTS)
+        del args
+        torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "prefill_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": kb.ROWS}, f, indent=1, default=str)
     for r in kb.ROWS:
-        if "default" in r["name"] or "BEST" in r["name"] or "sdpa" in r["name"]:
+        if "default" in r["name"] or "BEST" in r["name"] or "sdpa" in r["name"] or "m128/n32/w4/s2" in r["name"]:
             print(f"{r['name']:<44} {r['ms']:>8.3f} ms {r.get('TFLOP/s', 0):>6.0f} TFLOP/s")
 
 

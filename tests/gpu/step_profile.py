@@ -31,6 +31,25 @@ def _kernel_table(prof, steps: int) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["ms_per_step"])
 
 
+def _gaps(prof) -> dict:
+    """Device idle time inside the profiled window: the gaps between one kernel's end and the next one's start
+    on the GPU (all streams together), their total, and the largest with the kernels on either side."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA")
+    if not kernels:
+        return {}
+    gaps, end, prev = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        if stop >= end:
+            end, prev = stop, name
+    busy_span = kernels[-1][1] - kernels[0][0]
+    gaps.sort(reverse=True)
+    return {"span_ms": busy_span / 1e3, "idle_ms": sum(g for g, _, _ in gaps) / 1e3, "num_gaps": len(gaps),
+            "largest": [{"us": round(g, 1), "after": a[:70], "before": b[:70]} for g, a, b in gaps[:8]]}
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -83,6 +102,7 @@ def main():
         _sync()
     out["decode_step_ms"] = statistics.median(decode_ms)
     out["decode_kernels"] = _kernel_table(prof, 3)
+    out["decode_gaps"] = _gaps(prof)
 
     added = iter(range(10_000, 20_000))
 
@@ -101,6 +121,7 @@ def main():
         _sync()
     out["mixed_step_ms"] = statistics.median(mixed_ms)
     out["mixed_kernels"] = _kernel_table(prof, 1)
+    out["mixed_gaps"] = _gaps(prof)
     out["running"] = len(llm.scheduler.running)
     assert out["running"] == args.decode, out["running"]
 
@@ -113,6 +134,11 @@ def main():
         print(f"  kernels {total:.2f} ms of CUDA time a step")
         for r in out[name + "_kernels"][:18]:
             print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:6.1f}x  {r['kernel']}")
+        g = out[name + "_gaps"]
+        if g:
+            print(f"  device idle {g['idle_ms']:.2f} ms of a {g['span_ms']:.2f} ms profiled span, {g['num_gaps']} gaps; largest:")
+            for x in g["largest"]:
+                print(f"    {x['us']:8.1f} us  after {x['after']}  before {x['before']}")
     write_result(f"step_profile{args.tag}.json", out)
 
 
