@@ -257,3 +257,15 @@ if [ "$phase" = s6g ]; then  # session 6: device idle between a step's kernels; 
   python3 tests/gpu/step_profile.py --model llama3-8b --decode 400 --tag=-gaps 2>&1 | grep -v "^USDT" | grep -E "step:|kernels|idle| us " | tail -n 24
   python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 40
 fi
+if [ "$phase" = s6h ]; then  # session 6, the final tree: GPU tests; prefill defaults; llama3-8b three ways; prefix; qwen3-0.6b
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | grep -E " default " | tail -n 8
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|^peaks|roofline|one kernel|of that"
+  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
+  $B prefix --model llama3-8b --device cuda --json "$OUT/prefix.json" 2>&1 | grep -v "^  " | tail -n 3
+  $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
+    --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | grep -E "^engine|^steps"
+fi

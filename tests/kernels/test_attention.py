@@ -27,7 +27,9 @@ FP32_CASES = [
     for d, bs in ((64, 16), (128, 32), (64, 32), (128, 16))
     if (h, kvh) != (6, 2) or (d, bs) == (64, 16)
 ]
-BF16_CASES = [("mixed", 8, 2, 64, 16), ("decode", 4, 4, 128, 32), ("prefix", 4, 2, 64, 32)]
+# head_dim 128 chunks take the prefill default of 128 rows a program (kernels/attention_config.py)
+BF16_CASES = [("mixed", 8, 2, 64, 16), ("decode", 4, 4, 128, 32), ("prefix", 4, 2, 64, 32), ("prefill", 8, 2, 128, 16),
+              ("prefix", 8, 2, 128, 32)]
 
 
 def _run(batch, num_heads, num_kv_heads, head_dim, block_size, dtype, device, paged_batch, seed, **kw):
