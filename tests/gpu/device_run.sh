@@ -269,3 +269,10 @@ if [ "$phase" = s6h ]; then  # session 6, the final tree: GPU tests; prefill def
   $B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 \
     --output-len-range 100 1024 --json "$OUT/qwen3-0.6b.json" 2>&1 | grep -E "^engine|^steps"
 fi
+if [ "$phase" = s6i ]; then  # session 6, the final tree on an H100: kernel tests; llama3-8b with an fp8 KV cache and bf16
+  python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 2 | tee "$OUT/gpu_tests.log"
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|^peaks|roofline|one kernel|of that"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
+fi
