@@ -276,3 +276,12 @@ if [ "$phase" = s6i ]; then  # session 6, the final tree on an H100: kernel test
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
 fi
+if [ "$phase" = s6j ]; then  # session 6 on an H100: the program order in the kernels, and llama3-8b bf16 with it off and on
+  python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8) (bs16|decode|mixed).*nhd" | tail -n 12
+  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+  G="^engine|^steps|roofline|one kernel|of that"
+  sed -i 's/"heads_inner": True/"heads_inner": False/' kernels/attention_config.py  # this copy only
+  $L --json "$OUT/llama3-8b-outer.json" 2>&1 | grep -E "$G"
+  sed -i 's/"heads_inner": False/"heads_inner": True/' kernels/attention_config.py
+  $L --json "$OUT/llama3-8b-inner.json" 2>&1 | grep -E "$G"
+fi
