@@ -38,7 +38,7 @@ def run(label, args, hints, nbytes, copy_bw, extra=None):
     ref = None
     for name, a, kw in variants(args):
         kw = {**kw, **(extra or {})}
-        ms = kb.bench(lambda: unified_attention(*a, out=out, **hints, **kw))
+        ms = kb.bench(lambda a=a, kw=kw: unified_attention(*a, out=out, **hints, **kw))
         if ref is None:
             ref = out.clone()
         row = kb.record(f"{label} {name}", ms, nbytes, copy_bw=copy_bw, err=kb.rel_err(out, ref))
@@ -46,15 +46,18 @@ def run(label, args, hints, nbytes, copy_bw, extra=None):
     torch.cuda.empty_cache()
 
 
+def copy_bandwidth():
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return kb.record("copy 1GiB", kb.bench(lambda: dst.copy_(src)), 4 * src.numel(), summary=True)["GB/s"]
+
+
 def main():
     out_dir = os.environ.get("OUT") or "."
     props = torch.cuda.get_device_properties(0)
     meta = {"device": props.name, "torch": torch.__version__, "argv": sys.argv}
     print(json.dumps(meta), flush=True)
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_bw = kb.record("copy 1GiB", kb.bench(lambda: dst.copy_(src)), 4 * src.numel(), summary=True)["GB/s"]
-    del src, dst
+    copy_bw = copy_bandwidth()
     g = torch.Generator().manual_seed(4)
     ctx900 = torch.randint(100, 1700, (400,), generator=g).tolist()
     g = torch.Generator().manual_seed(2)

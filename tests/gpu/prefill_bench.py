@@ -15,8 +15,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_bench as kb  # noqa: E402
 
-from batchllm.kernels.attention import unified_attention  # noqa: E402
-
 CASES = {  # name: (query lens, context lens)
     "1x8000": ([8000], [0]),
     "4x2048": ([2048] * 4, [0] * 4),
@@ -46,7 +44,7 @@ def sdpa_ms(q_lens, ctx):
         q = torch.randn(b, kb.H, n, kb.D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, kb.KVH, n, kb.D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        ms += kb.bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        ms += kb.bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     return ms
 
 
@@ -61,12 +59,12 @@ def main():
         ref = sdpa_ms(q_lens, ctx)
         if ref:
             kb.record(f"{label} torch sdpa (dense)", ref, flops=flops)
-        args, hints, nbytes = kb.batch(q_lens, ctx, seed=5, kv_dt=torch.bfloat16)
+        args, hints, _ = kb.batch(q_lens, ctx, seed=5, kv_dt=torch.bfloat16)
         kb.sweep(label, args, hints, None, flops, None, VARIANTS)
         del args
         torch.cuda.empty_cache()
     for label, (q_lens, ctx) in FP8_CASES.items():
-        args, hints, nbytes = kb.batch(q_lens, ctx, seed=5, kv_dt=torch.float8_e4m3fn)
+        args, hints, _ = kb.batch(q_lens, ctx, seed=5, kv_dt=torch.float8_e4m3fn)
         kb.sweep(label, args, hints, None, kb.attn_flops(q_lens, ctx), None, FP8_VARIANTS)
         del args
         torch.cuda.empty_cache()
