@@ -422,7 +422,11 @@ def unified_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     qpk = num_heads // num_kv_heads
     qpk_pad = triton.next_power_of_2(qpk)
-    cfg = default_config(query.dtype, head_dim, max_query_len, qpk_pad, key_cache.dtype)
+    device_index = None  # the interpreter
+    if query.is_cuda:
+        device_index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    num_sms, smem_bytes = device_limits(device_index)
+    cfg = default_config(query.dtype, head_dim, max_query_len, qpk_pad, key_cache.dtype, smem_bytes)
     if config:
         cfg.update(config)
     block_m = max(cfg["block_m"], qpk_pad)
@@ -434,10 +438,6 @@ def unified_attention(
     small_m = max(small_m, qpk_pad, 16) if small_m else 0
     small_q = small_m // qpk_pad if 0 < small_m < block_m else 0
 
-    device_index = None  # the interpreter
-    if query.is_cuda:
-        device_index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    num_sms, smem_bytes = device_limits(device_index)
     if num_kv_splits is None:
         if max_query_len != 1:
             num_kv_splits = 1

@@ -40,7 +40,7 @@ def cap_stages(num_stages, tile_n, head_dim, kv_element_size, smem_bytes):
     return max(2, min(num_stages, (smem_bytes - (24 << 10)) // stage_bytes))
 
 
-def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
+def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_bytes=_H100[1]):
     """Tile shapes and launch settings for one launch (override with unified_attention's config=).
 
     block_m: rows per program for prefill chunks; small_m: the row tile a program with few tokens left
@@ -68,7 +68,10 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None):
         "num_stages": 3 if fp8_decode else 2,
         "heads_inner": True,
     }
-    if max_query_len > 1 and head_dim == 128 and not wide:  # prefill launches at the measured head size
+    # Prefill launches at the measured head size, on the measured cards (Hopper's 227 KB of shared memory; the
+    # interpreter counts as one). Elsewhere 128 rows are untried: offline compiles spill more registers on Ada
+    # (~0.8 KB with an fp8 cache) and Ampere, so they keep 64.
+    if max_query_len > 1 and head_dim == 128 and not wide and smem_bytes >= 200 << 10:
         # 128 rows a program (32 tokens x 4 heads at GQA 4), no small tile: with the unmasked loop, bf16 on an
         # H200 took 16 x 512 chunks 0.191 -> 0.168 ms, 4 x 2048 0.482 -> 0.447, 8k 1.574 -> 1.515 (tile_n 32);
         # an fp8 cache 0.203 -> 0.193 and chunks over cached prefixes 0.659 -> 0.624 (tile_n 64, 3 stages).

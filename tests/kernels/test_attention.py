@@ -139,6 +139,65 @@ def test_program_order_and_head_major_cache(batch, splits, head_major, heads_inn
     assert relative_error(out, ref) < 1e-4
 
 
+def _poison(b, block_size):
+    """NaN in every cache slot that holds no position < seq_len (the tail of each sequence's last block, the
+    spare blocks), so a read past a sequence's keys turns the output NaN. Block 0, where a masked block-table
+    load points, is made a spare one first."""
+    table = b["block_table"].cpu()
+    spare = sorted(set(range(b["key_cache"].shape[0])) - set(table.flatten().tolist()))[0]
+    if spare != 0:  # relabel: block 0's contents and table entries move to the spare block's number
+        for name in ("key_cache", "value_cache"):
+            c = b[name]
+            c[[0, spare]] = c[[spare, 0]]
+        table[table == 0] = spare
+        b["block_table"] = table.to(b["block_table"].device)
+    seq_lens = b["seq_lens"].cpu().tolist()
+    live = torch.zeros(b["key_cache"].shape[:2], dtype=torch.bool)
+    for s, n in enumerate(seq_lens):
+        for p in range(n):
+            live[table[s, p // block_size], p % block_size] = True
+    assert not live[0].any()
+    dead = ~live.to(b["key_cache"].device)
+    for name in ("key_cache", "value_cache"):
+        c = b[name].float()
+        c[dead] = float("nan")
+        b[name] = c.to(b[name].dtype)
+
+
+# (query_lens, context_lens, num_heads, num_kv_heads, query dtype, cache dtype, kwargs): chunks long enough for
+# several unmasked tiles before the diagonal in the 128-row prefill default, a first row whose position + 1 is
+# a multiple of the tile (31 + 1 at tile_n 32), an fp8 cache, GQA 1/2/8, fp16, forced split-KV, the other order.
+_LONG = ([70, 1, 40], [130, 200, 31])
+IN_RANGE_CASES = {
+    "bf16-gqa4": (*_LONG, 8, 2, torch.bfloat16, None, {}),
+    "bf16-gqa1": (*_LONG, 4, 4, torch.bfloat16, None, {}),
+    "bf16-gqa2": (*_LONG, 8, 4, torch.bfloat16, None, {}),
+    "bf16-gqa8": (*_LONG, 8, 1, torch.bfloat16, None, {}),
+    "fp16": (*_LONG, 8, 2, torch.float16, None, {}),
+    "fp8-cache": (*_LONG, 8, 2, torch.bfloat16, torch.float8_e4m3fn, {}),
+    "split4": (*_LONG, 8, 2, torch.bfloat16, None, {"num_kv_splits": 4}),
+    "seq-fastest": (*_LONG, 8, 2, torch.bfloat16, None, {"config": {"heads_inner": False}}),
+    "fp32-tile16": (*_LONG, 8, 2, torch.float32, None, {"config": {"tile_n": 16}}),
+}
+
+
+@pytest.mark.parametrize("case", IN_RANGE_CASES.values(), ids=IN_RANGE_CASES.keys())
+def test_long_chunks_read_only_their_keys(case, device, paged_batch, relative_error):
+    q_lens, ctx_lens, heads, kv_heads, dtype, cache_dtype, kw = case
+    b = paged_batch(q_lens, ctx_lens, heads, kv_heads, 128, 16, dtype, device, seed=29)
+    if cache_dtype is not None:
+        b["key_cache"], b["value_cache"] = b["key_cache"].to(cache_dtype), b["value_cache"].to(cache_dtype)
+    _poison(b, 16)
+    clean = tuple(torch.nan_to_num(c.float()).to(c.dtype) for c in (b["key_cache"], b["value_cache"]))
+    out = torch.full_like(b["query"], float("nan"))
+    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
+                      b["block_table"], out=out, max_query_len=max(q_lens),
+                      max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)), **kw)
+    ref = reference.paged_attention(b["query"].double(), *clean, b["query_start_loc"], b["seq_lens"], b["block_table"])
+    assert not out.isnan().any(), "read a key past its sequence, or left a row unwritten"
+    assert relative_error(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_padding_rows_untouched(splits, device, paged_batch):
     # CUDA-graph padding: query rows past query_start_loc[-1] belong to no sequence and stay as they were.
