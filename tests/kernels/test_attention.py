@@ -220,6 +220,20 @@ def test_swap_ab_decode(heads, kv_heads, head_dim, splits, heads_inner, dtype, t
     assert relative_error(out, ref) < tol
 
 
+@pytest.mark.parametrize("config", [{"block_m": 64, "small_m": 32}, {"block_m": 128, "small_m": 32, "tile_n": 32}])
+def test_small_tile_takes_multi_token_tails(config, device, paged_batch, relative_error):
+    # chunk tails of several tokens (20 = 16 + 4 at 16 tokens a program, 37 = 32 + 5) run on the small tile
+    q_lens, ctx_lens = [20, 37, 1, 6], [7, 33, 12, 0]
+    b = paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32, device, seed=37)
+    out = torch.full_like(b["query"], float("nan"))
+    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
+                      b["block_table"], out=out, max_query_len=37, max_seq_len=70, config=config)
+    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
+                                    b["seq_lens"], b["block_table"])
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_padding_rows_untouched(splits, device, paged_batch):
     # CUDA-graph padding: query rows past query_start_loc[-1] belong to no sequence and stay as they were.
