@@ -100,3 +100,48 @@ def test_waiting_request_waits_for_inflight_prefix():
     out = run_step(s)  # a's last token and b, which now hits all 4 shared blocks
     assert [(r.request_id, n) for r, n in out.scheduled] == [("a", 1), ("b", 1)]
     assert b.num_cached_tokens == 16
+
+
+def test_row_cap_defers_decode_rows_fairly():
+    # EngineConfig.defer_decode_rows: a decode-only step runs row_cap(n) of its n rows; the ones that ran
+    # longest ago go first, so with a cap of at least half no row waits two steps in a row, and all finish.
+    s = make(num_blocks=64, block_size=4, budget=64, max_num_seqs=6)
+    reqs = {f"r{i}": Request(f"r{i}", [i + 1] * 3, SamplingParams(max_tokens=9, ignore_eos=True)) for i in range(6)}
+    for r in reqs.values():
+        s.add_request(r)
+    s.row_cap = lambda n: n - 2 if n > 4 else n
+    out = run_step(s)  # the prompts: not single-token rows, so all run
+    assert len(out.scheduled) == 6
+    waited = dict.fromkeys(reqs, 0)
+    steps = 0
+    while s.has_unfinished():
+        ready = len(s.running)
+        out = run_step(s)
+        steps += 1
+        assert all(n == 1 for _, n in out.scheduled)
+        assert len(out.scheduled) == (ready - 2 if ready > 4 else ready)
+        ran = {r.request_id for r, _ in out.scheduled}
+        for rid, r in reqs.items():
+            waited[rid] = 0 if rid in ran or r.status.finished else waited[rid] + 1
+            assert waited[rid] <= 1, f"{rid} waited two steps in a row"
+    assert all(r.num_output_tokens == 9 for r in reqs.values())
+    assert steps > 8  # deferring took more steps than the 8 decode steps of a full batch
+    assert s.kv.pool.num_free_blocks == 64
+
+
+def test_row_cap_leaves_steps_that_admit_alone():
+    # a step that admits a request runs every ready row: the newcomer's prefix hits may need a deferred row's KV
+    s = make(num_blocks=64, block_size=4, budget=64, max_num_seqs=4)
+    a = Request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True))
+    b = Request("b", [1, 2, 3, 4, 9], SamplingParams(max_tokens=4, ignore_eos=True))
+    s.add_request(a)
+    s.add_request(b)
+    run_step(s)
+    s.row_cap = lambda n: 1
+    c = Request("c", [5, 6, 7, 8, 11], SamplingParams(max_tokens=4, ignore_eos=True))  # one token after a's block
+    s.add_request(c)
+    out = run_step(s)
+    assert sorted(r.request_id for r, _ in out.scheduled) == ["a", "b", "c"]
+    assert c.num_cached_tokens == 4
+    out = run_step(s)  # nothing to admit: one row only
+    assert len(out.scheduled) == 1
