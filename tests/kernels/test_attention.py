@@ -32,23 +32,28 @@ BF16_CASES = [("mixed", 8, 2, 64, 16), ("decode", 4, 4, 128, 32), ("prefix", 4, 
               ("prefix", 8, 2, 128, 32)]
 
 
+def _attend(b, q_lens, ctx_lens, caches=None, ref_caches=None, **kw):
+    """unified_attention over paged batch b (through `caches` if given) into a NaN-filled out, and the reference
+    (over `ref_caches` if given): float64 for fp32 queries, float32 for 16-bit ones (query upcast, K/V upcast
+    after the gather). -> (out, ref)"""
+    meta = (b["query_start_loc"], b["seq_lens"], b["block_table"])
+    out = torch.full_like(b["query"], float("nan"))
+    res = unified_attention(
+        b["query"], *(caches or (b["key_cache"], b["value_cache"])), *meta, out=out, max_query_len=max(q_lens),
+        max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)), **kw,
+    )
+    assert res is out
+    ref_dtype = torch.float64 if b["query"].dtype == torch.float32 else torch.float32
+    ref = reference.paged_attention(b["query"].to(ref_dtype), *(ref_caches or (b["key_cache"], b["value_cache"])),
+                                    *meta)
+    assert not out.isnan().any(), "unwritten or NaN output rows (or a key read past its sequence)"
+    return out, ref
+
+
 def _run(batch, num_heads, num_kv_heads, head_dim, block_size, dtype, device, paged_batch, seed, **kw):
     q_lens, ctx_lens = BATCHES[batch]
     b = paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed)
-    out = torch.full_like(b["query"], float("nan"))
-    res = unified_attention(
-        b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"], b["block_table"],
-        out=out, max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)), **kw,
-    )
-    assert res is out
-    # Reference in float64 (fp32 inputs) or float32 (16-bit inputs): query upcast, K/V upcast after gather.
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    ref = reference.paged_attention(
-        b["query"].to(ref_dtype), b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-        b["block_table"],
-    )
-    assert not out.isnan().any(), "unwritten or NaN output rows"
-    return out, ref
+    return _attend(b, q_lens, ctx_lens, **kw)
 
 
 @pytest.mark.parametrize("case", FP32_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -72,12 +77,7 @@ def test_fp8_cache_matches_reference(case, splits, dtype, tol, device, paged_bat
     q_lens, ctx_lens = BATCHES[case[0]]
     b = paged_batch(q_lens, ctx_lens, *case[1:], dtype, device, seed=23)
     k8, v8 = b["key_cache"].to(torch.float8_e4m3fn), b["value_cache"].to(torch.float8_e4m3fn)
-    out = unified_attention(b["query"], k8, v8, b["query_start_loc"], b["seq_lens"], b["block_table"],
-                            max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)),
-                            num_kv_splits=splits)
-    ref = reference.paged_attention(b["query"].double(), k8, v8, b["query_start_loc"], b["seq_lens"],
-                                    b["block_table"])
-    assert not out.isnan().any()
+    out, ref = _attend(b, q_lens, ctx_lens, caches=(k8, v8), ref_caches=(k8, v8), num_kv_splits=splits)
     assert relative_error(out, ref) < tol
     # and it did read the fp8 values: the full-precision cache gives a measurably different answer
     exact = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
@@ -129,13 +129,7 @@ def test_program_order_and_head_major_cache(batch, splits, head_major, heads_inn
         k = k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
         v = v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
         assert k.stride(2) == 16 * 64  # really head-major
-    out = torch.full_like(b["query"], float("nan"))
-    unified_attention(b["query"], k, v, b["query_start_loc"], b["seq_lens"], b["block_table"], out=out,
-                      max_query_len=max(q_lens), max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)),
-                      num_kv_splits=splits, config={"heads_inner": heads_inner})
-    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
-                                    b["seq_lens"], b["block_table"])
-    assert not out.isnan().any()
+    out, ref = _attend(b, q_lens, ctx_lens, caches=(k, v), num_kv_splits=splits, config={"heads_inner": heads_inner})
     assert relative_error(out, ref) < 1e-4
 
 
@@ -192,12 +186,7 @@ def test_long_chunks_read_only_their_keys(case, device, paged_batch, relative_er
         b["key_cache"], b["value_cache"] = b["key_cache"].to(cache_dtype), b["value_cache"].to(cache_dtype)
     _poison(b, 16)
     clean = tuple(torch.nan_to_num(c.float()).to(c.dtype) for c in (b["key_cache"], b["value_cache"]))
-    out = torch.full_like(b["query"], float("nan"))
-    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-                      b["block_table"], out=out, max_query_len=max(q_lens),
-                      max_seq_len=max(q + c for q, c in zip(q_lens, ctx_lens)), **kw)
-    ref = reference.paged_attention(b["query"].double(), *clean, b["query_start_loc"], b["seq_lens"], b["block_table"])
-    assert not out.isnan().any(), "read a key past its sequence, or left a row unwritten"
+    out, ref = _attend(b, q_lens, ctx_lens, ref_caches=clean, **kw)
     assert relative_error(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
@@ -209,14 +198,8 @@ def test_swap_ab_decode(heads, kv_heads, head_dim, splits, heads_inner, dtype, t
     # config swap_ab: decode launches with the MMAs' operands swapped, GQA 4/1/3/8, split-KV, an empty sequence
     q_lens, ctx_lens = [1, 1, 0, 1, 1], [5, 40, 9, 70, 17]
     b = paged_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, 16, dtype, device, seed=31)
-    out = torch.full_like(b["query"], float("nan"))
-    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-                      b["block_table"], out=out, max_query_len=1, max_seq_len=71, num_kv_splits=splits,
-                      config={"swap_ab": True, "heads_inner": heads_inner, "tile_n": 32})
-    ref = reference.paged_attention(b["query"].to(torch.float64 if dtype == torch.float32 else torch.float32),
-                                    b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-                                    b["block_table"])
-    assert not out.isnan().any()
+    out, ref = _attend(b, q_lens, ctx_lens, num_kv_splits=splits,
+                       config={"swap_ab": True, "heads_inner": heads_inner, "tile_n": 32})
     assert relative_error(out, ref) < tol
 
 
@@ -225,12 +208,7 @@ def test_small_tile_takes_multi_token_tails(config, device, paged_batch, relativ
     # chunk tails of several tokens (20 = 16 + 4 at 16 tokens a program, 37 = 32 + 5) run on the small tile
     q_lens, ctx_lens = [20, 37, 1, 6], [7, 33, 12, 0]
     b = paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32, device, seed=37)
-    out = torch.full_like(b["query"], float("nan"))
-    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-                      b["block_table"], out=out, max_query_len=37, max_seq_len=70, config=config)
-    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
-                                    b["seq_lens"], b["block_table"])
-    assert not out.isnan().any()
+    out, ref = _attend(b, q_lens, ctx_lens, config=config)
     assert relative_error(out, ref) < 1e-4
 
 
@@ -278,12 +256,7 @@ def test_decodes_first_in_their_own_launch(num_decodes, device, paged_batch, rel
     # the engine's mixed batches: decode rows first; num_decodes=0 is the single launch it replaces
     q_lens, ctx_lens = [1, 1, 1, 12, 30, 5], [50, 3, 77, 0, 21, 16]
     b = paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32, device, 11)
-    out = torch.full_like(b["query"], float("nan"))
-    unified_attention(b["query"], b["key_cache"], b["value_cache"], b["query_start_loc"], b["seq_lens"],
-                      b["block_table"], out=out, max_query_len=30, max_seq_len=78, num_decodes=num_decodes)
-    ref = reference.paged_attention(b["query"].double(), b["key_cache"], b["value_cache"], b["query_start_loc"],
-                                    b["seq_lens"], b["block_table"])
-    assert not out.isnan().any()
+    out, ref = _attend(b, q_lens, ctx_lens, num_decodes=num_decodes)
     assert relative_error(out, ref) < 1e-4
 
 
