@@ -112,9 +112,9 @@ def _unified_attention_kernel(
     SWAP_AB: tl.constexpr,  # decode-only launches: the MMAs' operands swapped (_attend_tile_t)
 ):
     if HEADS_INNER:
-        pid = tl.program_id(0)
-        pid_q = pid // (num_heads // NUM_QPK)
-        kv_head = pid % (num_heads // NUM_QPK)
+        num_kv_heads = num_heads // NUM_QPK
+        pid_q = tl.program_id(0) // num_kv_heads
+        kv_head = tl.program_id(0) % num_kv_heads
     else:
         pid_q = tl.program_id(0)
         kv_head = tl.program_id(1)

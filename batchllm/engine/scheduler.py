@@ -91,19 +91,21 @@ class Scheduler:
             out.scheduled.append((req, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
-        if len(self.running) == num_running:  # nothing admitted: its prefix hits could need a deferred row's KV
-            self._defer_rows(out)
+        if self.row_cap is not None:
+            # only when nothing was admitted: a newcomer's prefix hits could need a deferred row's KV
+            if len(self.running) == num_running:
+                self._defer_rows(out)
+            self._steps += 1
+            for req, _ in out.scheduled:
+                req.last_scheduled = self._steps
         out.scheduled.sort(key=lambda rn: rn[1] != 1)  # single-token rows (decodes) first, order kept otherwise
-        self._steps += 1
-        for req, _ in out.scheduled:
-            req.last_scheduled = self._steps
         return out
 
     def _defer_rows(self, out: SchedulerOutput) -> None:
         """A step of single-token rows only may run fewer of them (row_cap): the rows that ran longest ago go
         first, the rest wait a step with their slots allocated (allocate_slots will find them there)."""
         n = len(out.scheduled)
-        if self.row_cap is None or n == 0 or out.preempted or any(k != 1 for _, k in out.scheduled):
+        if n == 0 or any(k != 1 for _, k in out.scheduled):
             return
         keep = self.row_cap(n)
         if keep < n:

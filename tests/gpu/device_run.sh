@@ -15,6 +15,9 @@ phase=${1:-quick}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 B="python3 -m batchllm.cli bench"
+# the llama3-8b workload of issue 3, and the report lines worth keeping
+L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
+G="^engine|^steps|^KV|^peaks|roofline|one kernel|of that"
 if [ "$phase" = quick ] || [ "$phase" = full ]; then
   python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
 fi
@@ -70,7 +73,6 @@ fi
 if [ "$phase" = sample ]; then  # session 4: sampled workloads, the page-locked sampler against the one before
   # (.ab/sampler_before.py: batchllm/engine/sampler.py at 27e43e7, carried as an ignored path)
   Q="$B throughput --model qwen3-0.6b --device cuda --num-prompts 256 --input-len-range 100 1024 --output-len-range 100 1024"
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
   python3 -m pytest -m gpu tests/gpu/test_engine_gpu.py -k sampler -q -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/tests.log"
   $Q --json "$OUT/qwen3-greedy.json" 2>&1 | sed -n 3,5p
   $Q --temperature 0.8 --json "$OUT/qwen3-sampled.json" 2>&1 | sed -n 2,5p
@@ -206,8 +208,6 @@ if [ "$phase" = s6a ]; then  # session 6: GPU tests at the review's tree; the or
 fi
 if [ "$phase" = s6b ]; then  # session 6: GPU tests with heads_inner on; llama3-8b bf16 with it on and off, fp8 KV, both fp8
   python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|^KV|^peaks|roofline|one kernel|of that"
   $L --json "$OUT/llama3-8b-inner.json" 2>&1 | grep -E "$G"
   sed -i 's/"heads_inner": True/"heads_inner": False/' kernels/attention_config.py  # this copy only: the order before
   $L --json "$OUT/llama3-8b-outer.json" 2>&1 | grep -E "$G"
@@ -228,8 +228,6 @@ if [ "$phase" = s6e ]; then  # session 6: unmasked tiles below the diagonal, aga
   python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
   python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | tail -n 12
   python3 tests/gpu/layout_bench.py 2>&1 | grep -E "nhd heads-inner" | tail -n 12
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|roofline|one kernel|of that"
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   if [ -f .ab/attention_before.py ]; then
@@ -242,8 +240,6 @@ if [ "$phase" = s6f ]; then  # session 6, the final tree: GPU tests; prefill/dec
   python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
   python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | grep -E "default|sdpa" | tail -n 8
   python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8).*nhd heads-inner" | tail -n 8
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|^peaks|roofline|one kernel|of that"
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
@@ -260,8 +256,6 @@ fi
 if [ "$phase" = s6h ]; then  # session 6, the final tree: GPU tests; prefill defaults; llama3-8b three ways; prefix; qwen3-0.6b
   python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | grep -v DEBUG | tail -n 3 | tee "$OUT/gpu_tests.log"
   python3 tests/gpu/prefill_bench.py 2>&1 | grep -v "^{" | grep -E " default " | tail -n 8
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|^peaks|roofline|one kernel|of that"
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   $L --kv-cache-dtype fp8 --quantization fp8 --json "$OUT/llama3-8b-fp8both.json" 2>&1 | grep -E "$G"
@@ -271,15 +265,11 @@ if [ "$phase" = s6h ]; then  # session 6, the final tree: GPU tests; prefill def
 fi
 if [ "$phase" = s6i ]; then  # session 6, the final tree on an H100: kernel tests; llama3-8b with an fp8 KV cache and bf16
   python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 2 | tee "$OUT/gpu_tests.log"
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|^peaks|roofline|one kernel|of that"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
 fi
 if [ "$phase" = s6j ]; then  # session 6 on an H100: the program order in the kernels, and llama3-8b bf16 with it off and on
   python3 tests/gpu/layout_bench.py 2>&1 | grep -E "^(bf16|fp8) (bs16|decode|mixed).*nhd" | tail -n 12
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|roofline|one kernel|of that"
   sed -i 's/"heads_inner": True/"heads_inner": False/' kernels/attention_config.py  # this copy only
   $L --json "$OUT/llama3-8b-outer.json" 2>&1 | grep -E "$G"
   sed -i 's/"heads_inner": False/"heads_inner": True/' kernels/attention_config.py
@@ -288,15 +278,11 @@ fi
 if [ "$phase" = swap ]; then  # for session 7: the swapped-operand decode (swap_ab) at real sizes, timed, then end to end
   python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 4 | tee "$OUT/gpu_tests.log"
   python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^decode|copy" | grep -E "default|swap|BEST|copy" | tail -n 20
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|roofline|one kernel|of that"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   sed -i 's/"swap_ab": False/"swap_ab": True/' kernels/attention_config.py  # this copy only
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-swap.json" 2>&1 | grep -E "$G"
 fi
 if [ "$phase" = defer ]; then  # for session 7: decode rows deferred to cheaper graphs (defer_decode_rows), llama3-8b bf16
-  L="$B throughput --model llama3-8b --device cuda --num-prompts 1000 --input-len-range 100 1024 --output-len-range 100 1024"
-  G="^engine|^steps|roofline|one kernel|of that"
   python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py -k deferred 2>&1 | tail -n 1
   $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
   sed -i 's/defer_decode_rows: bool = False/defer_decode_rows: bool = True/' batchllm/engine/config.py  # this copy only
