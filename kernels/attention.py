@@ -109,7 +109,6 @@ def _unified_attention_kernel(
     UPCAST: tl.constexpr,  # Triton's interpreter gets 16-bit dots wrong: do them in fp32 there
     F16_DOT: tl.constexpr,  # fp8 cache: widen K/V to fp16 (one conversion, 2 values an instruction), not bf16
     HEADS_INNER: tl.constexpr,  # program i serves KV head i % num_kv_heads: a sequence's heads run side by side
-    SWAP_AB: tl.constexpr,  # decode-only launches: the MMAs' operands swapped (_attend_tile_t)
 ):
     if HEADS_INNER:
         num_kv_heads = num_heads // NUM_QPK
@@ -144,7 +143,7 @@ def _unified_attention_kernel(
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_bt,
                 NUM_QPK, QPK_PAD, SMALL_Q, SMALL_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
-                DECODE_ONLY, SWAP_AB,
+                DECODE_ONLY,
             )
         else:
             _attend_rows(
@@ -153,7 +152,7 @@ def _unified_attention_kernel(
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_bt,
                 NUM_QPK, QPK_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
-                DECODE_ONLY, SWAP_AB,
+                DECODE_ONLY,
             )
     else:
         _attend_rows(
@@ -162,7 +161,7 @@ def _unified_attention_kernel(
             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
             stride_vb, stride_vs, stride_vh, stride_bt,
             NUM_QPK, QPK_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SEGMENTS, IEEE, UPCAST, F16_DOT,
-            DECODE_ONLY, SWAP_AB,
+            DECODE_ONLY,
         )
 
 
@@ -222,52 +221,6 @@ def _attend_tile(
 
 
 @triton.jit
-def _attend_tile_t(
-    q_t, m_i, l_i, acc_t, tile, kv_len, qk_scale, block_row, k_head, v_head,
-    stride_kb, stride_ks, stride_vb, stride_vs,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """_attend_tile for decode rows with the operands swapped (config swap_ab): S^T = K Q^T and
-    O^T += V^T P^T put the tile's positions and head_dim in the MMAs' M dimension, the query rows (4 real
-    of 16 at GQA 4) in N. Every row of a decode launch sees every key under kv_len."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_pos = tile * TILE_N + tl.arange(0, TILE_N)
-    k_ok = k_pos < kv_len
-    block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-    in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
-    k = tl.load(  # [TILE_N, HEAD_DIM]
-        k_head + (block * stride_kb + in_block * stride_ks)[:, None] + offs_d[None, :],
-        mask=k_ok[:, None],
-        other=0.0,
-    )
-    k = k.to(q_t.dtype)
-    if IEEE:
-        s_t = tl.dot(k, q_t, input_precision="ieee")
-    else:
-        s_t = tl.dot(k, q_t)
-    s_t = tl.where(k_ok[:, None], s_t * qk_scale, float("-inf"))  # [TILE_N, BLOCK_M]
-    m_new = tl.maximum(m_i, tl.max(s_t, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p_t = tl.math.exp2(s_t - m_safe[None, :])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p_t, axis=0)
-    v_t = tl.load(  # [HEAD_DIM, TILE_N]
-        v_head + (block * stride_vb + in_block * stride_vs)[None, :] + offs_d[:, None],
-        mask=k_ok[None, :],
-        other=0.0,
-    )
-    v_t = v_t.to(q_t.dtype)
-    if IEEE:
-        acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype), input_precision="ieee")
-    else:
-        acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype))
-    return m_new, l_i, acc_t
-
-
-@triton.jit
 def _attend_rows(
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     part_max_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] fp32
@@ -295,7 +248,6 @@ def _attend_rows(
     UPCAST: tl.constexpr,
     F16_DOT: tl.constexpr,
     DECODE_ONLY: tl.constexpr,
-    SWAP_AB: tl.constexpr,
 ):
     """One tile of BLOCK_M rows (BLOCK_Q tokens x QPK_PAD heads of one KV head) over its K/V segment."""
     context_len = seq_len - q_len
@@ -335,16 +287,7 @@ def _attend_rows(
     k_head = key_cache_ptr + kv_head * stride_kh
     v_head = value_cache_ptr + kv_head * stride_vh
 
-    if SWAP_AB:  # decode rows only (the launch checks): positions and head_dim in the MMAs' M dimension
-        acc_t = tl.zeros([HEAD_DIM, BLOCK_M], dtype=tl.float32)
-        q_t = tl.trans(q)
-        for tile in range(tile_lo, tile_hi):
-            m_i, l_i, acc_t = _attend_tile_t(
-                q_t, m_i, l_i, acc_t, tile, kv_len, qk_scale, block_row, k_head, v_head,
-                stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, IEEE,
-            )
-        acc = tl.trans(acc_t)
-    elif DECODE_ONLY:  # one loop, masked: at decode's ~1k-token contexts a second loop costs more than the masks
+    if DECODE_ONLY:  # one loop, masked: at decode's ~1k-token contexts a second loop costs more than the masks
         for tile in range(tile_lo, tile_hi):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, tile, kv_len, q_pos, qk_scale, block_row, k_head, v_head,
@@ -554,7 +497,6 @@ def unified_attention(
         UPCAST=query.dtype != torch.float32 and _interpreting(),
         F16_DOT=bool(cfg["f16_dot"]) and key_cache.dtype == torch.float8_e4m3fn and query.dtype != torch.float32,
         HEADS_INNER=heads_inner,
-        SWAP_AB=bool(cfg["swap_ab"]) and decode_only,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -52,9 +52,6 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
     bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
     flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
     chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
-    swap_ab: decode-only launches compute S^T = K Q^T and O^T += V^T P^T, so the tile's positions and head_dim
-    fill the MMAs' M dimension instead of 16 query rows with 4 real ones (GQA 4). An experiment for the fp8
-    decode path, which looks bound by its instructions on an H200; off until measured (docs/kernels.md).
     heads_inner: programs ordered KV-head-fastest, so a sequence's heads run side by side and read each cache
     position's heads (adjacent in memory) together. On an H200: 1-4% off decode and mixed launches, bf16 and
     fp8 (tests/gpu/layout_bench.py, docs/kernels.md).
@@ -70,7 +67,6 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
         "num_warps": 4,
         "num_stages": 3 if fp8_decode else 2,
         "heads_inner": True,
-        "swap_ab": False,
     }
     # Prefill launches at the measured head size, on the measured cards (Hopper's 227 KB of shared memory; the
     # interpreter counts as one). Elsewhere 128 rows are untried: offline compiles spill more registers on Ada

@@ -34,9 +34,6 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8: K/V stored in e4m3, half the bytes of bf16
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool | None = None  # None: on for CUDA (schedule step N+1 while step N runs), off on the CPU
-    # Experimental, off until measured: a decode-only step may run fewer rows than are ready when a smaller
-    # CUDA graph costs less per row (measured at start-up); the rest wait one step (cuda_graphs.cheapest_rows).
-    defer_decode_rows: bool = False
     seed: int = 0
 
     def __post_init__(self):

@@ -36,25 +36,6 @@ def padding_table(cost: list[float], slack: float = 0.03, first: int = 0) -> lis
     return table
 
 
-def cheapest_rows(sizes: list[int], cost: list[float], pad: list[int], first: int = 0,
-                  slack: float = 0.03) -> list[int]:
-    """For each count n of ready decode rows (0..sizes[-1]): how many to run, n itself or a captured size s < n
-    (from index `first` on) whose padded replay costs more than `slack` less per row; the rest wait a step.
-    Same inputs as padding_table, plus its result `pad`."""
-    def per_row(n):
-        i = bisect.bisect_left(sizes, n)
-        return cost[pad[i]] / n
-
-    rows, best = list(range(sizes[-1] + 1)), None  # best: the captured size < n cheapest per row so far
-    for n in range(1, sizes[-1] + 1):
-        i = bisect.bisect_left(sizes, n)
-        if n >= sizes[first] and best is not None and per_row(best) < (1 - slack) * per_row(n):
-            rows[n] = best
-        if i < len(sizes) and sizes[i] == n and i >= first and (best is None or per_row(n) < per_row(best)):
-            best = n
-    return rows
-
-
 class DecodeGraphs:
     def __init__(self, model, device, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int):
         self.model = model
@@ -72,7 +53,6 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.cost_ms: list[float] | None = None  # per size, after measure()
         self._pad = list(range(len(self.sizes)))  # size index -> the index it pads to (padding_table)
-        self._rows: list[int] | None = None  # ready rows -> rows to run (cheapest_rows), after measure()
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -118,15 +98,7 @@ class DecodeGraphs:
             end.synchronize()
             cost.append(start.elapsed_time(end) / reps)
         self.cost_ms = cost
-        first = min(bisect.bisect_left(self.sizes, min_rows), len(self.sizes) - 1)
-        self._pad = padding_table(cost, first=first)
-        self._rows = cheapest_rows(self.sizes, cost, self._pad, first)
-
-    def rows_to_run(self, num_ready: int) -> int:
-        """How many of `num_ready` decode rows a step runs when the engine defers rows (defer_decode_rows)."""
-        if self._rows is None or num_ready >= len(self._rows):
-            return num_ready
-        return self._rows[num_ready]
+        self._pad = padding_table(cost, first=bisect.bisect_left(self.sizes, min_rows))
 
     def padded_size(self, num_seqs: int) -> int | None:
         i = bisect.bisect_left(self.sizes, num_seqs)

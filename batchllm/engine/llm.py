@@ -46,8 +46,6 @@ class LLM:
         self.max_num_seqs = self.runner.max_num_seqs
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, config.token_budget(), max_len,
                                    _eos_ids(hf_config, self.tokenizer, model))
-        if config.defer_decode_rows and self.runner.graphs is not None:
-            self.scheduler.row_cap = self.runner.graphs.rows_to_run
         # asynchronous scheduling: step N+1 is scheduled and launched before step N's tokens are back, so the
         # device never waits on the host. Off on the CPU, where the model runs in the calling thread anyway.
         self.async_scheduling = config.resolved_async_scheduling()

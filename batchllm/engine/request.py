@@ -39,7 +39,6 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of full blocks, extended by the KV cache manager
         self.status = RequestStatus.WAITING
         self.arrival = arrival  # admission order; earlier requests are preempted last
-        self.last_scheduled = 0  # the scheduler's step count when it last ran (deferred rows go first next)
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.stop_text: str | None = None  # the text, cut before a matched stop string
         self.error: str | None = None

@@ -9,7 +9,6 @@ of the waiting queue with num_computed_tokens = 0 (cached blocks usually bring m
 Plain Python, no torch.
 """
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchllm.engine.kv_cache_manager import KVCacheManager
@@ -41,9 +40,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._arrivals = 0
-        self._steps = 0
-        # optional (EngineConfig.defer_decode_rows): ready decode rows -> how many a decode-only step runs
-        self.row_cap: Callable[[int], int] | None = None
 
     def add_request(self, req: Request) -> None:
         req.arrival = self._arrivals
@@ -74,7 +70,6 @@ class Scheduler:
             return out
 
         skipped = []
-        num_running = len(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             hits, num_hit = self.kv.get_computed_blocks(req)
@@ -91,26 +86,8 @@ class Scheduler:
             out.scheduled.append((req, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
-        if self.row_cap is not None:
-            # only when nothing was admitted: a newcomer's prefix hits could need a deferred row's KV
-            if len(self.running) == num_running:
-                self._defer_rows(out)
-            self._steps += 1
-            for req, _ in out.scheduled:
-                req.last_scheduled = self._steps
         out.scheduled.sort(key=lambda rn: rn[1] != 1)  # single-token rows (decodes) first, order kept otherwise
         return out
-
-    def _defer_rows(self, out: SchedulerOutput) -> None:
-        """A step of single-token rows only may run fewer of them (row_cap): the rows that ran longest ago go
-        first, the rest wait a step with their slots allocated (allocate_slots will find them there)."""
-        n = len(out.scheduled)
-        if n == 0 or any(k != 1 for _, k in out.scheduled):
-            return
-        keep = self.row_cap(n)
-        if keep < n:
-            order = sorted(range(n), key=lambda i: out.scheduled[i][0].last_scheduled)  # stable: ties by order
-            out.scheduled = [out.scheduled[i] for i in sorted(order[:keep])]
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -275,16 +275,3 @@ if [ "$phase" = s6j ]; then  # session 6 on an H100: the program order in the ke
   sed -i 's/"heads_inner": False/"heads_inner": True/' kernels/attention_config.py
   $L --json "$OUT/llama3-8b-inner.json" 2>&1 | grep -E "$G"
 fi
-if [ "$phase" = swap ]; then  # for session 7: the swapped-operand decode (swap_ab) at real sizes, timed, then end to end
-  python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 4 | tee "$OUT/gpu_tests.log"
-  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^decode|copy" | grep -E "default|swap|BEST|copy" | tail -n 20
-  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
-  sed -i 's/"swap_ab": False/"swap_ab": True/' kernels/attention_config.py  # this copy only
-  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-swap.json" 2>&1 | grep -E "$G"
-fi
-if [ "$phase" = defer ]; then  # for session 7: decode rows deferred to cheaper graphs (defer_decode_rows), llama3-8b bf16
-  python3 -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py -k deferred 2>&1 | tail -n 1
-  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G"
-  sed -i 's/defer_decode_rows: bool = False/defer_decode_rows: bool = True/' batchllm/engine/config.py  # this copy only
-  $L --json "$OUT/llama3-8b-defer.json" 2>&1 | grep -E "$G"
-fi

@@ -158,7 +158,7 @@ def main():
     variants = [("default", {})] + [
         (f"{t}/{w}/{st}", {"config": {"tile_n": t, "num_warps": w, "num_stages": st}})
         for t in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)
-    ] + [(f"{t}/4/{st} swap", {"config": {"tile_n": t, "num_stages": st, "swap_ab": True}}) for t in (64, 128) for st in (2, 3)]
+    ]
     if FP8:
         variants = [("default", {})] + [
             (f"{t}/{w}/{st}{' f16' * f16}", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": f16}})
@@ -166,10 +166,6 @@ def main():
         ] + [  # around the default (128/4/3 f16): fewer warps, longer tiles, deeper pipelines
             (f"{t}/{w}/{st} f16", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": True}})
             for t, w, st in ((128, 2, 3), (128, 2, 4), (128, 4, 4), (256, 4, 2), (256, 4, 3), (256, 2, 2), (256, 8, 2))
-        ] + [  # session 6's experiment: the MMAs' operands swapped (config swap_ab)
-            (f"{t}/{w}/{st} f16 swap", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": True,
-                                                   "swap_ab": True}})
-            for t, w, st in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 2), (256, 4, 2))
         ]
     sweep("decode 256x4096", args, hints, nbytes, None, copy_bw, variants, read_bw)
     del args

@@ -152,21 +152,6 @@ def test_fp8_cache(dtype):
             _check(b, hints, dtype, config={"f16_dot": f16_dot}, **kw)
 
 
-@pytest.mark.parametrize("kv", ["bf16", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_swap_ab_decode(kv, dtype):
-    """config swap_ab (the experiment of session 6): decode launches with the MMAs' operands swapped, at real
-    sizes, with and without split-KV, against the reference."""
-    g = torch.Generator().manual_seed(12)
-    ctx = torch.randint(1, 4096, (96,), generator=g).tolist()
-    for b, hints in (_batch([1] * 96, ctx, dtype, seed=12), _batch([1] * 4, [32768, 30000, 17, 12345], dtype, seed=13)):
-        if kv == "fp8":
-            b["key_cache"] = b["key_cache"].to(torch.float8_e4m3fn)
-            b["value_cache"] = b["value_cache"].to(torch.float8_e4m3fn)
-        for tile_n in (64, 128):
-            _check(b, hints, dtype, config={"swap_ab": True, "tile_n": tile_n})
-
-
 def test_reshape_and_cache_fp8():
     """The GPU's cast of the pre-rounded values gives torch's nearest-even e4m3, saturated, over 1e-4..1e4."""
     _, cache, reference = _kernels()

@@ -172,9 +172,6 @@ IN_RANGE_CASES = {
     "split4": (*_LONG, 8, 2, torch.bfloat16, None, {"num_kv_splits": 4}),
     "seq-fastest": (*_LONG, 8, 2, torch.bfloat16, None, {"config": {"heads_inner": False}}),
     "fp32-tile16": (*_LONG, 8, 2, torch.float32, None, {"config": {"tile_n": 16}}),
-    "decode-swap-ab": ([1, 1, 1], [130, 200, 31], 8, 2, torch.bfloat16, None, {"config": {"swap_ab": True}}),
-    "decode-swap-ab-fp8": ([1, 1, 1], [130, 200, 31], 8, 2, torch.bfloat16, torch.float8_e4m3fn,
-                           {"config": {"swap_ab": True}}),
 }
 
 
@@ -188,19 +185,6 @@ def test_long_chunks_read_only_their_keys(case, device, paged_batch, relative_er
     clean = tuple(torch.nan_to_num(c.float()).to(c.dtype) for c in (b["key_cache"], b["value_cache"]))
     out, ref = _attend(b, q_lens, ctx_lens, ref_caches=clean, **kw)
     assert relative_error(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("heads, kv_heads, head_dim, splits, heads_inner",
-                         [(8, 2, 64, 1, True), (4, 4, 128, 1, True), (6, 2, 64, 4, False), (8, 1, 64, 2, True)])
-def test_swap_ab_decode(heads, kv_heads, head_dim, splits, heads_inner, dtype, tol, device, paged_batch,
-                        relative_error):
-    # config swap_ab: decode launches with the MMAs' operands swapped, GQA 4/1/3/8, split-KV, an empty sequence
-    q_lens, ctx_lens = [1, 1, 0, 1, 1], [5, 40, 9, 70, 17]
-    b = paged_batch(q_lens, ctx_lens, heads, kv_heads, head_dim, 16, dtype, device, seed=31)
-    out, ref = _attend(b, q_lens, ctx_lens, num_kv_splits=splits,
-                       config={"swap_ab": True, "heads_inner": heads_inner, "tile_n": 32})
-    assert relative_error(out, ref) < tol
 
 
 @pytest.mark.parametrize("config", [{"block_m": 64, "small_m": 32}, {"block_m": 128, "small_m": 32, "tile_n": 32}])
