@@ -275,3 +275,7 @@ if [ "$phase" = s6j ]; then  # session 6 on an H100: the program order in the ke
   sed -i 's/"heads_inner": False/"heads_inner": True/' kernels/attention_config.py
   $L --json "$OUT/llama3-8b-inner.json" 2>&1 | grep -E "$G"
 fi
+if [ "$phase" = s7a ]; then  # session 7: GPU tests; is the fp8 decode bound by V's cache layout (vlayout_bench.py)?
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/vlayout_bench.py 2>&1 | tail -n 50
+fi

@@ -1,0 +1,138 @@
+"""Is the fp8 decode bound by how V sits in the cache? A probe, not engine code.
+
+Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py
+Writes vlayout_bench.json (to $OUT when set, else the working directory).
+
+The decode program's second MMA takes V as its B operand, [positions (K dim), head_dim (N dim)]. The engine's
+cache keeps head_dim contiguous, so that operand is N-major. For 16-bit values the hardware transposes it on the
+way in (ldmatrix.trans); for 8-bit values it cannot, and FlashAttention-3 transposes V in the kernel for its
+fp8 path. Hypothesis: the fp8 decode (57% of an H200's copy bandwidth) pays for that transposition.
+
+The probe is a small decode-only kernel: one program per (sequence, KV head), the query heads of a KV head
+packed in a 16-row tile, fp8 K/V widened to fp16 as the engine's kernel does. It runs on two V layouts:
+- "nhd": the engine's [num_blocks, block_size, num_kv_heads, head_dim];
+- "hdn": [num_blocks, num_kv_heads, head_dim, block_size], so a tile's V has 16-position runs contiguous
+  (the MMA's K dimension).
+The engine's kernel runs on the same batch first, so the probe's nhd time says whether it is a fair stand-in.
+Outputs are checked against the engine's kernel.
+Prediction: if the transposition is the bound, hdn runs the fp8 decode at 400 x ~900 at >= 75% of the copy
+bandwidth (>= 25% faster than nhd); if not, within 5% of it.
+"""
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@triton.jit
+def _decode_probe(
+    out_ptr, q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_kv_heads,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
+    NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+):
+    seq = tl.program_id(0) // num_kv_heads
+    kv_head = tl.program_id(0) % num_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head_in_group = offs_m % QPK_PAD
+    row_ok = (offs_m // QPK_PAD == 0) & (head_in_group < NUM_QPK)
+    head = kv_head * NUM_QPK + head_in_group
+    token = seq.to(tl.int64)
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for tile in range(0, tl.cdiv(seq_len, TILE_N)):
+        k_pos = tile * TILE_N + tl.arange(0, TILE_N)
+        k_ok = k_pos < seq_len
+        block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_head + (block * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None],
+                    mask=k_ok[None, :], other=0.0).to(tl.float16)
+        s = tl.dot(q, k) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
+                    mask=k_ok[:, None], other=0.0).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3):
+    """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
+    num_seqs = seq_lens.shape[0]
+    _, block_size, kv_heads, head_dim = kc.shape
+    qpk = q.shape[1] // kv_heads
+    qpk_pad = triton.next_power_of_2(qpk)
+    _decode_probe[(num_seqs * kv_heads,)](
+        out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
+        NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(16, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def main():
+    import kernel_bench as kb
+
+    from batchllm.kernels.attention import unified_attention
+
+    out_dir = os.environ.get("OUT") or "."
+    meta = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
+            "triton": triton.__version__}
+    print(json.dumps(meta), flush=True)
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_bw = kb.record("copy 1GiB", kb.bench(lambda: dst.copy_(src)), 4 * src.numel())["GB/s"]
+    del src, dst
+    g = torch.Generator().manual_seed(4)
+    cases = [("400x900", [1] * 400, torch.randint(100, 1700, (400,), generator=g).tolist()),
+             ("256x4096", [1] * 256, [4095] * 256)]
+    for kv_dt, tag in ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16")):
+        for name, q_lens, ctx in cases:
+            args, hints, nbytes = kb.batch(q_lens, ctx, seed=4, kv_dt=kv_dt)
+            q, kc, vc, qsl, sl, table = args
+            vc_hdn = vc.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, position-fastest
+            ref = unified_attention(*args, **hints)
+            label = f"{tag} decode {name}"
+            kb.record(f"{label} engine kernel", kb.bench(lambda: unified_attention(*args, out=ref, **hints)),
+                      nbytes, copy_bw=copy_bw)
+            out = torch.empty_like(q)
+            for vname, v in (("nhd", vc), ("hdn", vc_hdn)):
+                for tile_n, stages in ((128, 3), (128, 4), (64, 3), (128, 2), (128, 1)):
+                    ms = kb.bench(lambda v=v, t=tile_n, s=stages: probe(q, kc, v, sl, table, out, t, 4, s))
+                    kb.record(f"{label} probe {vname} {tile_n}/4/{stages}", ms, nbytes, copy_bw=copy_bw,
+                              err=kb.rel_err(out, ref))
+            del args, q, kc, vc, vc_hdn
+            torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "vlayout_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": kb.ROWS}, f, indent=1, default=str)
+    print(f"{'case':<44} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'err':>9}")
+    for r in kb.ROWS:
+        print(f"{r['name']:<44} {r['ms']:>8.4f} {r.get('GB/s', 0):>7.0f} {r.get('%copy', 0):>6.1f} "
+              f"{r.get('err', 0):>9.2e}")
+
+
+if __name__ == "__main__":
+    main()
