@@ -279,3 +279,7 @@ if [ "$phase" = s7a ]; then  # session 7: GPU tests; is the fp8 decode bound by 
   python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
   python3 tests/gpu/vlayout_bench.py 2>&1 | tail -n 50
 fi
+if [ "$phase" = s7b ]; then  # session 7: the probe with V loaded three ways (vlayout_bench.py); llama3-8b fp8 KV
+  python3 tests/gpu/vlayout_bench.py 2>&1 | grep -E "^(fp8|bf16|copy)" | tee "$OUT/vlayout.txt"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+fi

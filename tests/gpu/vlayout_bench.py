@@ -34,7 +34,7 @@ def _decode_probe(
     out_ptr, q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_kv_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, V_MODE: tl.constexpr,
 ):
     seq = tl.program_id(0) // num_kv_heads
     kv_head = tl.program_id(0) % num_kv_heads
@@ -68,8 +68,22 @@ def _decode_probe(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
-                    mask=k_ok[:, None], other=0.0).to(tl.float16)
+        if V_MODE == 0:  # [positions, head_dim] as the engine loads it
+            v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
+                        mask=k_ok[:, None], other=0.0).to(tl.float16)
+        elif V_MODE == 1:  # nhd loaded as [head_dim, positions], then transposed in registers
+            v_t = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[None, :] + (offs_d * stride_vd)[:, None],
+                          mask=k_ok[None, :], other=0.0).to(tl.float16)
+            v = tl.trans(v_t)
+        else:  # hdn: [head_dim, blocks, block_size] with block_size contiguous, merged to [head_dim, positions]
+            offs_b = tl.arange(0, TILE_N // BLOCK_SIZE)
+            offs_s = tl.arange(0, BLOCK_SIZE)
+            blk = tl.load(block_row + tile * (TILE_N // BLOCK_SIZE) + offs_b, mask=tile * TILE_N + offs_b * BLOCK_SIZE < seq_len,
+                          other=0).to(tl.int64)
+            ok3 = (tile * TILE_N + offs_b[None, :, None] * BLOCK_SIZE + offs_s[None, None, :]) < seq_len
+            v3 = tl.load(v_head + blk[None, :, None] * stride_vb + offs_d[:, None, None] * stride_vd
+                         + offs_s[None, None, :], mask=ok3, other=0.0)
+            v = tl.trans(tl.reshape(v3, [HEAD_DIM, TILE_N]).to(tl.float16))
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -77,7 +91,7 @@ def _decode_probe(
              mask=row_ok[:, None])
 
 
-def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3):
+def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0):
     """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
     num_seqs = seq_lens.shape[0]
     _, block_size, kv_heads, head_dim = kc.shape
@@ -88,7 +102,7 @@ def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
         NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(16, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages,
+        TILE_N=tile_n, V_MODE=v_mode, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -119,9 +133,9 @@ def main():
             kb.record(f"{label} engine kernel", kb.bench(lambda: unified_attention(*args, out=ref, **hints)),
                       nbytes, copy_bw=copy_bw)
             out = torch.empty_like(q)
-            for vname, v in (("nhd", vc), ("hdn", vc_hdn)):
-                for tile_n, stages in ((128, 3), (128, 4), (64, 3), (128, 2), (128, 1)):
-                    ms = kb.bench(lambda v=v, t=tile_n, s=stages: probe(q, kc, v, sl, table, out, t, 4, s))
+            for vname, v, mode in (("nhd", vc, 0), ("nhd-trans", vc, 1), ("hdn-3d", vc_hdn, 2)):
+                for tile_n, stages in ((128, 3), (128, 4), (64, 3), (128, 2)):
+                    ms = kb.bench(lambda v=v, t=tile_n, s=stages, m=mode: probe(q, kc, v, sl, table, out, t, 4, s, m))
                     kb.record(f"{label} probe {vname} {tile_n}/4/{stages}", ms, nbytes, copy_bw=copy_bw,
                               err=kb.rel_err(out, ref))
             del args, q, kc, vc, vc_hdn
