@@ -283,3 +283,6 @@ if [ "$phase" = s7b ]; then  # session 7: the probe with V loaded three ways (vl
   python3 tests/gpu/vlayout_bench.py 2>&1 | grep -E "^(fp8|bf16|copy)" | tee "$OUT/vlayout.txt"
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
 fi
+if [ "$phase" = s7c ]; then  # session 7: the decode probe with fp8 MMAs (vlayout_bench.py --fp8)
+  python3 tests/gpu/vlayout_bench.py --fp8 2>&1 | grep -E "^(fp8|copy)|FAILED" | tee "$OUT/vlayout.txt"
+fi

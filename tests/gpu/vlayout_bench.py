@@ -1,6 +1,6 @@
 """Is the fp8 decode bound by how V sits in the cache? A probe, not engine code.
 
-Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py
+Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8]
 Writes vlayout_bench.json (to $OUT when set, else the working directory).
 
 The decode program's second MMA takes V as its B operand, [positions (K dim), head_dim (N dim)]. The engine's
@@ -15,7 +15,10 @@ packed in a 16-row tile, fp8 K/V widened to fp16 as the engine's kernel does. It
   (the MMA's K dimension).
 The engine's kernel runs on the same batch first, so the probe's nhd time says whether it is a fair stand-in.
 Outputs are checked against the engine's kernel.
-Prediction: if the transposition is the bound, hdn runs the fp8 decode at 400 x ~900 at >= 75% of the copy
+Session 7 added fp8 MMAs (FP8_QK, FP8_PV): the query and P rounded to e4m3, K and V fed to the MMAs unwidened,
+as FlashAttention-3's fp8 path does. Prediction: if widening K/V is what bounds the fp8 decode, fp8-qk takes about
+half of it away (>= 15% faster at 400 x ~900) and fp8-qk-pv more, at an error of ~1e-2 against the bf16 math.
+Prediction for the layouts: if the transposition is the bound, hdn runs the fp8 decode at 400 x ~900 at >= 75% of the copy
 bandwidth (>= 25% faster than nhd); if not, within 5% of it.
 """
 import json
@@ -35,6 +38,7 @@ def _decode_probe(
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, V_MODE: tl.constexpr,
+    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,  # fp8 MMAs: the query (QK^T) or P (PV) rounded to e4m3, no widening
 ):
     seq = tl.program_id(0) // num_kv_heads
     kv_head = tl.program_id(0) % num_kv_heads
@@ -46,6 +50,7 @@ def _decode_probe(
     token = seq.to(tl.int64)
     q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
+    q8 = tl.minimum(tl.maximum(q.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
     q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     seq_len = tl.load(seq_lens_ptr + seq)
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -60,15 +65,22 @@ def _decode_probe(
         block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
         k = tl.load(k_head + (block * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None],
-                    mask=k_ok[None, :], other=0.0).to(tl.float16)
-        s = tl.dot(q, k) * qk_scale
+                    mask=k_ok[None, :], other=0.0)
+        if FP8_QK:
+            s = tl.dot(q8, k) * qk_scale
+        else:
+            s = tl.dot(q, k.to(tl.float16)) * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_MODE == 0:  # [positions, head_dim] as the engine loads it
+        if FP8_PV:  # the engine's layout, P rounded to e4m3
+            v8 = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
+                         mask=k_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v8)
+        elif V_MODE == 0:  # [positions, head_dim] as the engine loads it
             v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
                         mask=k_ok[:, None], other=0.0).to(tl.float16)
         elif V_MODE == 1:  # nhd loaded as [head_dim, positions], then transposed in registers
@@ -84,14 +96,16 @@ def _decode_probe(
             v3 = tl.load(v_head + blk[None, :, None] * stride_vb + offs_d[:, None, None] * stride_vd
                          + offs_s[None, None, :], mask=ok3, other=0.0)
             v = tl.trans(tl.reshape(v3, [HEAD_DIM, TILE_N]).to(tl.float16))
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        if not FP8_PV:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
 
 
-def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0):
+def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0, fp8_qk=False,
+          fp8_pv=False, block_m=16):
     """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
     num_seqs = seq_lens.shape[0]
     _, block_size, kv_heads, head_dim = kc.shape
@@ -101,8 +115,8 @@ def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3
         out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
-        NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(16, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, V_MODE=v_mode, num_warps=num_warps, num_stages=num_stages,
+        NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(block_m, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -123,7 +137,10 @@ def main():
     g = torch.Generator().manual_seed(4)
     cases = [("400x900", [1] * 400, torch.randint(100, 1700, (400,), generator=g).tolist()),
              ("256x4096", [1] * 256, [4095] * 256)]
-    for kv_dt, tag in ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16")):
+    dtypes = ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16"))
+    if "--fp8" in sys.argv:  # the fp8 cache only
+        dtypes = dtypes[:1]
+    for kv_dt, tag in dtypes:
         for name, q_lens, ctx in cases:
             args, hints, nbytes = kb.batch(q_lens, ctx, seed=4, kv_dt=kv_dt)
             q, kc, vc, qsl, sl, table = args
@@ -133,9 +150,20 @@ def main():
             kb.record(f"{label} engine kernel", kb.bench(lambda: unified_attention(*args, out=ref, **hints)),
                       nbytes, copy_bw=copy_bw)
             out = torch.empty_like(q)
-            for vname, v, mode in (("nhd", vc, 0), ("nhd-trans", vc, 1), ("hdn-3d", vc_hdn, 2)):
-                for tile_n, stages in ((128, 3), (128, 4), (64, 3), (128, 2)):
-                    ms = kb.bench(lambda v=v, t=tile_n, s=stages, m=mode: probe(q, kc, v, sl, table, out, t, 4, s, m))
+            variants = [("nhd", vc, {}), ("nhd-trans", vc, {"v_mode": 1}), ("hdn-3d", vc_hdn, {"v_mode": 2})]
+            if kv_dt == torch.float8_e4m3fn:
+                variants = [variants[0]] + [
+                    (f"fp8-{what}{' m64' if bm == 64 else ''}", vc, {"fp8_qk": True, "fp8_pv": what == "qk-pv",
+                                                                   "block_m": bm})
+                    for what in ("qk", "qk-pv") for bm in (16, 64)]
+            for vname, v, kw in variants:
+                for tile_n, stages in ((128, 3), (128, 4), (64, 3)):
+                    try:
+                        ms = kb.bench(lambda v=v, t=tile_n, s=stages, kw=kw: probe(q, kc, v, sl, table, out, t, 4, s,
+                                                                                    **kw))
+                    except Exception as e:  # a variant Triton cannot compile here: say so and go on
+                        kb.record(f"{label} probe {vname} {tile_n}/4/{stages} FAILED", 0.0, error=str(e)[:300])
+                        continue
                     kb.record(f"{label} probe {vname} {tile_n}/4/{stages}", ms, nbytes, copy_bw=copy_bw,
                               err=kb.rel_err(out, ref))
             del args, q, kc, vc, vc_hdn
