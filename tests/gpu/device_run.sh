@@ -286,3 +286,6 @@ fi
 if [ "$phase" = s7c ]; then  # session 7: the decode probe with fp8 MMAs (vlayout_bench.py --fp8)
   python3 tests/gpu/vlayout_bench.py --fp8 2>&1 | grep -E "^(fp8|copy)|FAILED" | tee "$OUT/vlayout.txt"
 fi
+if [ "$phase" = s7d ]; then  # session 7: the decode probe with block numbers loaded a tile ahead (vlayout_bench.py --prefetch)
+  python3 tests/gpu/vlayout_bench.py --prefetch 2>&1 | grep -E "^(fp8|bf16|copy)|FAILED" | tee "$OUT/vlayout.txt"
+fi

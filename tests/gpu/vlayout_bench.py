@@ -1,6 +1,6 @@
 """Is the fp8 decode bound by how V sits in the cache? A probe, not engine code.
 
-Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8]
+Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8] [--prefetch]
 Writes vlayout_bench.json (to $OUT when set, else the working directory).
 
 The decode program's second MMA takes V as its B operand, [positions (K dim), head_dim (N dim)]. The engine's
@@ -18,6 +18,9 @@ Outputs are checked against the engine's kernel.
 Session 7 added fp8 MMAs (FP8_QK, FP8_PV): the query and P rounded to e4m3, K and V fed to the MMAs unwidened,
 as FlashAttention-3's fp8 path does. Prediction: if widening K/V is what bounds the fp8 decode, fp8-qk takes about
 half of it away (>= 15% faster at 400 x ~900) and fp8-qk-pv more, at an error of ~1e-2 against the bf16 math.
+A third probe (--prefetch) loads each tile's block numbers one iteration ahead: if the K/V loads wait on the
+block-table load in the same iteration (a dependent chain the pipeliner does not hide), fp8, with half the bytes a
+round trip, suffers most. Prediction then: fp8 400 x ~900 >= 10% faster, bf16 unchanged; else within 3%.
 Prediction for the layouts: if the transposition is the bound, hdn runs the fp8 decode at 400 x ~900 at >= 75% of the copy
 bandwidth (>= 25% faster than nhd); if not, within 5% of it.
 """
@@ -39,6 +42,7 @@ def _decode_probe(
     NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, V_MODE: tl.constexpr,
     FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,  # fp8 MMAs: the query (QK^T) or P (PV) rounded to e4m3, no widening
+    PREFETCH: tl.constexpr,  # the next tile's block numbers are loaded one iteration ahead (no dependent load chain)
 ):
     seq = tl.program_id(0) // num_kv_heads
     kv_head = tl.program_id(0) % num_kv_heads
@@ -59,10 +63,17 @@ def _decode_probe(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    pos0 = tl.arange(0, TILE_N)
+    block_next = tl.load(block_row + pos0 // BLOCK_SIZE, mask=pos0 < seq_len, other=0).to(tl.int64)
     for tile in range(0, tl.cdiv(seq_len, TILE_N)):
         k_pos = tile * TILE_N + tl.arange(0, TILE_N)
         k_ok = k_pos < seq_len
-        block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        if PREFETCH:
+            block = block_next
+            n_pos = k_pos + TILE_N
+            block_next = tl.load(block_row + n_pos // BLOCK_SIZE, mask=n_pos < seq_len, other=0).to(tl.int64)
+        else:
+            block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
         k = tl.load(k_head + (block * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None],
                     mask=k_ok[None, :], other=0.0)
@@ -105,7 +116,7 @@ def _decode_probe(
 
 
 def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0, fp8_qk=False,
-          fp8_pv=False, block_m=16):
+          fp8_pv=False, block_m=16, prefetch=False):
     """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
     num_seqs = seq_lens.shape[0]
     _, block_size, kv_heads, head_dim = kc.shape
@@ -116,7 +127,7 @@ def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
         NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(block_m, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, num_warps=num_warps, num_stages=num_stages,
+        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -151,7 +162,9 @@ def main():
                       nbytes, copy_bw=copy_bw)
             out = torch.empty_like(q)
             variants = [("nhd", vc, {}), ("nhd-trans", vc, {"v_mode": 1}), ("hdn-3d", vc_hdn, {"v_mode": 2})]
-            if kv_dt == torch.float8_e4m3fn:
+            if "--prefetch" in sys.argv:  # session 7, third probe: the block numbers one tile ahead
+                variants = [variants[0], ("nhd prefetch", vc, {"prefetch": True})]
+            elif kv_dt == torch.float8_e4m3fn:
                 variants = [variants[0]] + [
                     (f"fp8-{what}{' m64' if bm == 64 else ''}", vc, {"fp8_qk": True, "fp8_pv": what == "qk-pv",
                                                                    "block_m": bm})
