@@ -298,3 +298,6 @@ if [ "$phase" = s7e ]; then  # session 7: Nsight Compute on one fp8 and one bf16
     grep -vE "^==PROF==|^\s*$|----" "$OUT/ncu_$dt.txt" | tail -n 120
   done
 fi
+if [ "$phase" = s7f ]; then  # session 7: the decode probe under register caps (vlayout_bench.py --regs)
+  python3 tests/gpu/vlayout_bench.py --regs 2>&1 | grep -E "^(fp8|bf16|copy)|FAILED" | tee "$OUT/vlayout.txt"
+fi

@@ -1,6 +1,6 @@
 """Is the fp8 decode bound by how V sits in the cache? A probe, not engine code.
 
-Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8] [--prefetch]
+Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8] [--prefetch | --regs]
 Writes vlayout_bench.json (to $OUT when set, else the working directory).
 
 The decode program's second MMA takes V as its B operand, [positions (K dim), head_dim (N dim)]. The engine's
@@ -116,20 +116,20 @@ def _decode_probe(
 
 
 def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0, fp8_qk=False,
-          fp8_pv=False, block_m=16, prefetch=False):
+          fp8_pv=False, block_m=16, prefetch=False, maxnreg=None):
     """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
     num_seqs = seq_lens.shape[0]
     _, block_size, kv_heads, head_dim = kc.shape
     qpk = q.shape[1] // kv_heads
     qpk_pad = triton.next_power_of_2(qpk)
-    _decode_probe[(num_seqs * kv_heads,)](
+    launch = {"maxnreg": maxnreg} if maxnreg else {}
+    return _decode_probe[(num_seqs * kv_heads,)](
         out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
         NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(block_m, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
+        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages, **launch,
     )
-    return out
 
 
 def main():
@@ -162,7 +162,9 @@ def main():
                       nbytes, copy_bw=copy_bw)
             out = torch.empty_like(q)
             variants = [("nhd", vc, {}), ("nhd-trans", vc, {"v_mode": 1}), ("hdn-3d", vc_hdn, {"v_mode": 2})]
-            if "--prefetch" in sys.argv:  # session 7, third probe: the block numbers one tile ahead
+            if "--regs" in sys.argv:  # session 7, fourth probe: registers (ncu: fp8 decode holds 208 a thread)
+                variants = [(f"nhd maxnreg {r}" if r else "nhd", vc, {"maxnreg": r}) for r in (None, 168, 128)]
+            elif "--prefetch" in sys.argv:  # session 7, third probe: the block numbers one tile ahead
                 variants = [variants[0], ("nhd prefetch", vc, {"prefetch": True})]
             elif kv_dt == torch.float8_e4m3fn:
                 variants = [variants[0]] + [
@@ -170,23 +172,29 @@ def main():
                                                                    "block_m": bm})
                     for what in ("qk", "qk-pv") for bm in (16, 64)]
             for vname, v, kw in variants:
-                for tile_n, stages in ((128, 3), (128, 4), (64, 3)):
+                shapes = ((128, 4, 3), (128, 4, 4), (64, 4, 3))
+                if "--regs" in sys.argv:
+                    shapes += ((64, 4, 4), (128, 8, 3))
+                for tile_n, warps, stages in shapes:
                     try:
-                        ms = kb.bench(lambda v=v, t=tile_n, s=stages, kw=kw: probe(q, kc, v, sl, table, out, t, 4, s,
-                                                                                    **kw))
+                        run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe(q, kc, v, sl, table, out, t, w, s,  # noqa: E731
+                                                                                 **kw)
+                        compiled = run()
+                        ms = kb.bench(run)
                     except Exception as e:  # a variant Triton cannot compile here: say so and go on
-                        kb.record(f"{label} probe {vname} {tile_n}/4/{stages} FAILED", 0.0, error=str(e)[:300])
+                        kb.record(f"{label} probe {vname} {tile_n}/{warps}/{stages} FAILED", 0.0, error=str(e)[:300])
                         continue
-                    kb.record(f"{label} probe {vname} {tile_n}/4/{stages}", ms, nbytes, copy_bw=copy_bw,
-                              err=kb.rel_err(out, ref))
+                    kb.record(f"{label} probe {vname} {tile_n}/{warps}/{stages}", ms, nbytes, copy_bw=copy_bw,
+                              err=kb.rel_err(out, ref), regs=getattr(compiled, "n_regs", None),
+                              spills=getattr(compiled, "n_spills", None))
             del args, q, kc, vc, vc_hdn
             torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "vlayout_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": kb.ROWS}, f, indent=1, default=str)
-    print(f"{'case':<44} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'err':>9}")
+    print(f"{'case':<44} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'err':>9} regs spills")
     for r in kb.ROWS:
         print(f"{r['name']:<44} {r['ms']:>8.4f} {r.get('GB/s', 0):>7.0f} {r.get('%copy', 0):>6.1f} "
-              f"{r.get('err', 0):>9.2e}")
+              f"{r.get('err', 0):>9.2e} {r.get('regs')} {r.get('spills')}")
 
 
 if __name__ == "__main__":
