@@ -499,6 +499,7 @@ def unified_attention(
         HEADS_INNER=heads_inner,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] and not _interpreting() else {}),  # compiled code only
     )
     if num_kv_splits > 1:
         _reduce_segments_kernel[(num_tokens, num_heads)](

@@ -52,6 +52,10 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
     bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
     flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
     chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
+    maxnreg: a cap on registers a thread (None: the compiler's choice). Decoding from an fp8 cache at head_dim 128
+    the compiler takes 205-208, which leaves room for 2 programs an SM (Nsight Compute on an H100: 12.5%
+    occupancy, DRAM 69% busy); at 168 (2 bytes spilled) 3 fit, and decode 400 x ~900 went 0.325 -> 0.300 ms,
+    256 x 4096 0.845 -> 0.811 (tests/gpu/vlayout_bench.py --regs, docs/benchmarks.md T59-T60).
     heads_inner: programs ordered KV-head-fastest, so a sequence's heads run side by side and read each cache
     position's heads (adjacent in memory) together. On an H200: 1-4% off decode and mixed launches, bf16 and
     fp8 (tests/gpu/layout_bench.py, docs/kernels.md).
@@ -67,7 +71,10 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
         "num_warps": 4,
         "num_stages": 3 if fp8_decode else 2,
         "heads_inner": True,
+        "maxnreg": None,
     }
+    if fp8_decode and head_dim == 128 and smem_bytes >= 200 << 10:  # measured on an H100 (above)
+        cfg["maxnreg"] = 168
     # Prefill launches at the measured head size, on the measured cards (Hopper's 227 KB of shared memory; the
     # interpreter counts as one). Elsewhere 128 rows are untried: offline compiles spill more registers on Ada
     # (~0.8 KB with an fp8 cache) and Ampere, so they keep 64.

@@ -301,3 +301,10 @@ fi
 if [ "$phase" = s7f ]; then  # session 7: the decode probe under register caps (vlayout_bench.py --regs)
   python3 tests/gpu/vlayout_bench.py --regs 2>&1 | grep -E "^(fp8|bf16|copy)|FAILED" | tee "$OUT/vlayout.txt"
 fi
+if [ "$phase" = s7g ]; then  # session 7: fp8 decode with a register cap (maxnreg 168): kernel tests, kernels, llama3-8b fp8 KV
+  python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider --tb=short 2>&1 | tail -n 2 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^(decode|split|mixed dec|copy)" | grep -E "default|copy"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  sed -i 's/cfg\["maxnreg"\] = 168/cfg["maxnreg"] = None/' kernels/attention_config.py  # this copy only
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-nocap.json" 2>&1 | grep -E "$G"
+fi

@@ -166,6 +166,8 @@ def main():
         ] + [  # around the default (128/4/3 f16): fewer warps, longer tiles, deeper pipelines
             (f"{t}/{w}/{st} f16", {"config": {"tile_n": t, "num_warps": w, "num_stages": st, "f16_dot": True}})
             for t, w, st in ((128, 2, 3), (128, 2, 4), (128, 4, 4), (256, 4, 2), (256, 4, 3), (256, 2, 2), (256, 8, 2))
+        ] + [  # session 7: the default's register cap (maxnreg 168) against none and others
+            (f"default cap {r}", {"config": {"maxnreg": r}}) for r in (None, 152, 184)
         ]
     sweep("decode 256x4096", args, hints, nbytes, None, copy_bw, variants, read_bw)
     del args
@@ -177,7 +179,8 @@ def main():
         args, hints, nbytes = batch([1] * 400, ctx, seed=4)
         sweep("decode 400x900", args, hints, nbytes, None, copy_bw, variants, read_bw)
         args, hints, nbytes = batch([1] * 4, [32767] * 4, seed=1)
-        sweep("split-KV 4x32k", args, hints, nbytes, None, copy_bw, [("default", {})], read_bw)
+        sweep("split-KV 4x32k", args, hints, nbytes, None, copy_bw,
+              [("default", {}), ("default cap None", {"config": {"maxnreg": None}})], read_bw)
         g = torch.Generator().manual_seed(2)
         q_lens = [512] * 8 + [1] * 192
         ctx = (torch.randint(1024, 4097, (8,), generator=g).tolist()
@@ -190,7 +193,7 @@ def main():
         q_lens, ctx = [q_lens[i] for i in order], [ctx[i] for i in order]
         args, hints, nbytes = batch(q_lens, ctx, seed=2)  # as the engine launches it: decode rows first
         sweep("mixed decodes-first", args, hints, nbytes, attn_flops(q_lens, ctx), copy_bw,
-              [("default", {"num_decodes": 192})])
+              [("default", {"num_decodes": 192}), ("default cap None", {"num_decodes": 192, "config": {"maxnreg": None}})])
         args, hints, nbytes = batch([512] * 8, ctx[192:], seed=2)  # its prefill chunks alone
         sweep("mixed part: 8x512 prefill", args, hints, nbytes, attn_flops([512] * 8, ctx[192:]), copy_bw,
               [("default", {})] + [(f"64/4/{st}{' f16' * f16}", {"config": {"num_stages": st, "f16_dot": f16}})
