@@ -308,3 +308,10 @@ if [ "$phase" = s7g ]; then  # session 7: fp8 decode with a register cap (maxnre
   sed -i 's/cfg\["maxnreg"\] = 168/cfg["maxnreg"] = None/' kernels/attention_config.py  # this copy only
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-nocap.json" 2>&1 | grep -E "$G"
 fi
+if [ "$phase" = s7h ]; then  # session 7: the register cap without split launches; kernels; llama3-8b fp8 KV cap on / off
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --tb=short 2>&1 | tail -n 2 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/kernel_bench.py --fp8 2>&1 | grep -E "^(decode|split|mixed dec|copy)" | grep -E "default|copy"
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
+  sed -i 's/cfg\["maxnreg"\] = 168/cfg["maxnreg"] = None/' kernels/attention_config.py  # this copy only
+  $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-nocap.json" 2>&1 | grep -E "$G"
+fi
