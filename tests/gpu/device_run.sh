@@ -289,12 +289,12 @@ fi
 if [ "$phase" = s7d ]; then  # session 7: the decode probe with block numbers loaded a tile ahead (vlayout_bench.py --prefetch)
   python3 tests/gpu/vlayout_bench.py --prefetch 2>&1 | grep -E "^(fp8|bf16|copy)|FAILED" | tee "$OUT/vlayout.txt"
 fi
-if [ "$phase" = s7e ]; then  # session 7: Nsight Compute on one fp8 and one bf16 decode launch (ncu_decode.py)
+if [ "$phase" = s7e ]; then  # session 7: Nsight Compute on one fp8 and one bf16 decode launch (ncu_attention.py, then ncu_decode.py)
   for dt in fp8 bf16; do
     ncu --clock-control none --kernel-name regex:_unified_attention_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-      python3 tests/gpu/ncu_decode.py $dt > "$OUT/ncu_$dt.txt" 2>&1
+      python3 tests/gpu/ncu_attention.py $dt > "$OUT/ncu_$dt.txt" 2>&1
     grep -vE "^==PROF==|^\s*$|----" "$OUT/ncu_$dt.txt" | tail -n 120
   done
 fi
@@ -314,4 +314,14 @@ if [ "$phase" = s7h ]; then  # session 7: the register cap without split launche
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8.json" 2>&1 | grep -E "$G"
   sed -i 's/cfg\["maxnreg"\] = 168/cfg["maxnreg"] = None/' kernels/attention_config.py  # this copy only
   $L --kv-cache-dtype fp8 --json "$OUT/llama3-8b-kvfp8-nocap.json" 2>&1 | grep -E "$G"
+fi
+if [ "$phase" = s7i ]; then  # session 7: Nsight Compute on prefill launches; prefill tiles under register caps
+  for c in prefill-16x512 prefill-1x8000; do
+    ncu --clock-control none --kernel-name regex:_unified_attention_kernel --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis \
+      python3 tests/gpu/ncu_attention.py $c > "$OUT/ncu_$c.txt" 2>&1
+    grep -E "Duration|Throughput|Registers Per|Block Limit|Achieved Occupancy|Eligible|Issue Slots|Warp Cycles|Dynamic Shared|represents" "$OUT/ncu_$c.txt"
+  done
+  PREFILL_CAPS=1 python3 tests/gpu/prefill_bench.py 2>&1 | grep -E "^(1x8000|4x2048|16x512|8x512)" | grep -E "default|cap|sdpa"
 fi

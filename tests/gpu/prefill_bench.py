@@ -2,6 +2,7 @@
 causal SDPA (flash) on the same tokens as a reference ceiling.
 
 Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/prefill_bench.py
+(PREFILL_CAPS=1: the default tiles under register caps instead of the tile sweep)
 Writes prefill_bench.json (to $OUT when set, else the working directory). llama3-8b's heads: 32 query, 8 KV,
 head_dim 128, bf16, paged blocks of 16. TFLOP/s count the causal QK^T and PV work (kernel_bench.attn_flops).
 """
@@ -32,6 +33,10 @@ FP8_VARIANTS = [("default", {})] + [
     for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 2), (128, 64, 4, 2), (128, 32, 8, 2),
                        (128, 64, 8, 2), (128, 64, 4, 3))
 ]
+
+if os.environ.get("PREFILL_CAPS"):  # session 7: the defaults under register caps (maxnreg) instead of the tile sweep
+    VARIANTS = FP8_VARIANTS = [("default", {})] + [(f"default cap {r}", {"config": {"maxnreg": r}})
+                                                   for r in (128, 168, 200, 232)]
 
 
 def sdpa_ms(q_lens, ctx):
