@@ -52,13 +52,11 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
     bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
     flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
     chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
-    maxnreg: a cap on registers a thread (None: the compiler's choice). Decoding from an fp8 cache at head_dim 128
-    the compiler takes 205-208, which leaves room for 2 programs an SM (Nsight Compute on an H100: 12.5%
-    occupancy, DRAM 69% busy); at 168 (2 bytes spilled) 3 fit, and decode 400 x ~900 went 0.325 -> 0.300 ms,
-    256 x 4096 0.845 -> 0.811 (tests/gpu/vlayout_bench.py --regs). The engine's kernel: 0.328 -> 0.309 and
-    0.852 -> 0.813 ms, llama3-8b with an fp8 KV cache +1.5-2.1%; on an H200 0.304 -> 0.275 ms
-    and +2.0% (docs/benchmarks.md T59-T65). Split-KV launches
-    go without it (unified_attention): there it cost 6%.
+    maxnreg: a cap on registers a thread (None: the compiler's choice). Decoding from an fp8 cache at head_dim
+    128 the compiler takes 205-208 registers, room for 2 programs an SM: Nsight Compute on an H100 read 12.5%
+    occupancy and DRAM 69% busy, a latency bound. At 168 (2 bytes spilled) 3 programs fit: decode 400 x ~900
+    0.328 -> 0.309 ms on an H100, 0.304 -> 0.275 on an H200; llama3-8b with an fp8 KV cache +1.5-2.1%
+    (docs/benchmarks.md T59-T65). Split-KV launches go without it (unified_attention): there it cost 6%.
     heads_inner: programs ordered KV-head-fastest, so a sequence's heads run side by side and read each cache
     position's heads (adjacent in memory) together. On an H200: 1-4% off decode and mixed launches, bf16 and
     fp8 (tests/gpu/layout_bench.py, docs/kernels.md).
