@@ -448,6 +448,9 @@ def unified_attention(
                                                  cfg["tile_n"])
     if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
         raise ValueError(f"num_kv_splits {num_kv_splits} must be a power of 2")
+    maxnreg = cfg["maxnreg"]
+    if maxnreg is not None and (type(maxnreg) is not int or maxnreg < 0):
+        raise ValueError(f"config maxnreg {maxnreg!r} must be None, 0 (no cap) or registers a thread (an int)")
     if num_kv_splits > 1 and not (config and "maxnreg" in config):
         cfg["maxnreg"] = None  # the fp8 register cap cost split launches 6% (H100, 4 x 32k: 0.144 -> 0.152 ms)
     if not (config and "num_stages" in config):

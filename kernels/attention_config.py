@@ -52,11 +52,12 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
     bf16's longer way). Decoding from it also takes twice the positions a tile (tile_n, the same bytes in
     flight) and a third pipeline stage. On an H100, decode 256 x 4096: 63% -> 84% of copy bandwidth; prefill
     chunks 0.99 -> 0.90 ms with f16_dot, and tile_n 128 was 13% slower there (docs/kernels.md).
-    maxnreg: a cap on registers a thread (None: the compiler's choice). Decoding from an fp8 cache at head_dim
-    128 the compiler takes 205-208 registers, room for 2 programs an SM: Nsight Compute on an H100 read 12.5%
-    occupancy and DRAM 69% busy, a latency bound. At 168 (2 bytes spilled) 3 programs fit: decode 400 x ~900
-    0.328 -> 0.309 ms on an H100, 0.304 -> 0.275 on an H200; llama3-8b with an fp8 KV cache +1.5-2.1%
-    (docs/benchmarks.md T59-T65). Split-KV launches go without it (unified_attention): there it cost 6%.
+    maxnreg: a cap on registers a thread (None or 0: the compiler's choice). Decoding from an fp8 cache at
+    head_dim 128 the compiler takes 205-208 registers, room for 2 programs an SM: Nsight Compute on an H100 read
+    12.5% occupancy and DRAM 69% busy, a latency bound. At 168, 3 programs fit (the probe spilled 2 bytes):
+    decode 400 x ~900 0.328 -> 0.309 ms on an H100, 0.304 -> 0.275 on an H200; llama3-8b with an fp8 KV cache
+    +1.5-2.1% (docs/benchmarks.md T59-T65). Split-KV launches go without it (unified_attention): there it cost
+    6%. A config= override applies to both launches of a mixed batch; prefill launches lose under any cap (T64).
     heads_inner: programs ordered KV-head-fastest, so a sequence's heads run side by side and read each cache
     position's heads (adjacent in memory) together. On an H200: 1-4% off decode and mixed launches, bf16 and
     fp8 (tests/gpu/layout_bench.py, docs/kernels.md).
@@ -74,12 +75,12 @@ def default_config(dtype, head_dim, max_query_len, qpk_pad, kv_dtype=None, smem_
         "heads_inner": True,
         "maxnreg": None,
     }
-    if fp8_decode and head_dim == 128 and smem_bytes >= 200 << 10:  # measured on an H100 (above)
+    if fp8_decode and head_dim == 128 and not wide and smem_bytes >= 200 << 10:  # measured on H100 and H200 (above)
         cfg["maxnreg"] = 168
     # Prefill launches at the measured head size, on the measured cards (Hopper's 227 KB of shared memory; the
     # interpreter counts as one). Elsewhere 128 rows are untried: offline compiles spill more registers on Ada
     # (~0.8 KB with an fp8 cache) and Ampere, so they keep 64.
-    if max_query_len > 1 and head_dim == 128 and not wide and smem_bytes >= 200 << 10:
+    if max_query_len > 1 and head_dim == 128 and smem_bytes >= 200 << 10:
         # 128 rows a program (32 tokens x 4 heads at GQA 4), no small tile: with the unmasked loop, bf16 on an
         # H200 took 16 x 512 chunks 0.191 -> 0.168 ms, 4 x 2048 0.482 -> 0.447, 8k 1.574 -> 1.515 (tile_n 32);
         # an fp8 cache 0.203 -> 0.193 and chunks over cached prefixes 0.659 -> 0.624 (tile_n 64, 3 stages).

@@ -289,7 +289,7 @@ fi
 if [ "$phase" = s7d ]; then  # session 7: the decode probe with block numbers loaded a tile ahead (vlayout_bench.py --prefetch)
   python3 tests/gpu/vlayout_bench.py --prefetch 2>&1 | grep -E "^(fp8|bf16|copy)|FAILED" | tee "$OUT/vlayout.txt"
 fi
-if [ "$phase" = s7e ]; then  # session 7: Nsight Compute on one fp8 and one bf16 decode launch (ncu_attention.py, then ncu_decode.py)
+if [ "$phase" = s7e ]; then  # session 7: Nsight Compute on one fp8 and one bf16 decode launch (ncu_attention.py; T59 ran it as ncu_decode.py)
   for dt in fp8 bf16; do
     ncu --clock-control none --kernel-name regex:_unified_attention_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
