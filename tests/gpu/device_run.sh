@@ -325,3 +325,6 @@ if [ "$phase" = s7i ]; then  # session 7: Nsight Compute on prefill launches; pr
   done
   PREFILL_CAPS=1 python3 tests/gpu/prefill_bench.py 2>&1 | grep -E "^(1x8000|4x2048|16x512|8x512)" | grep -E "default|cap|sdpa"
 fi
+if [ "$phase" = s7j ]; then  # session 7: the fp8 decode probe with head_dim in halves (vlayout_bench.py --fp8 --halves)
+  python3 tests/gpu/vlayout_bench.py --fp8 --halves 2>&1 | grep -E "^(fp8|copy)|FAILED" | tee "$OUT/vlayout.txt"
+fi

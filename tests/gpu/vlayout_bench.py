@@ -1,6 +1,6 @@
 """Is the fp8 decode bound by how V sits in the cache? A probe, not engine code.
 
-Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8] [--prefetch | --regs]
+Run on a GPU machine from the repository root:  PYTHONPATH=$PWD python tests/gpu/vlayout_bench.py [--fp8] [--prefetch | --regs | --halves]
 Writes vlayout_bench.json (to $OUT when set, else the working directory).
 
 The decode program's second MMA takes V as its B operand, [positions (K dim), head_dim (N dim)]. The engine's
@@ -21,6 +21,9 @@ half of it away (>= 15% faster at 400 x ~900) and fp8-qk-pv more, at an error of
 A third probe (--prefetch) loads each tile's block numbers one iteration ahead: if the K/V loads wait on the
 block-table load in the same iteration (a dependent chain the pipeliner does not hide), fp8, with half the bytes a
 round trip, suffers most. Prediction then: fp8 400 x ~900 >= 10% faster, bf16 unchanged; else within 3%.
+A fifth (--halves) splits head_dim in two (QK^T as two MMAs, PV into two accumulators), so no widened tile is
+whole in registers. Prediction: if that lowers the registers enough for 4 programs an SM, fp8 400 x ~900 >= 5%
+faster than the capped default (0.300 ms on an H100); if the compiler keeps both halves live, no change.
 Prediction for the layouts: if the transposition is the bound, hdn runs the fp8 decode at 400 x ~900 at >= 75% of the copy
 bandwidth (>= 25% faster than nhd); if not, within 5% of it.
 """
@@ -115,6 +118,82 @@ def _decode_probe(
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _decode_probe_halves(
+    out_ptr, q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_kv_heads,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+):
+    """_decode_probe with head_dim in two halves: QK^T as two MMAs over halves of K, PV into two accumulators, so
+    no widened K or V tile is whole in registers at once (session 7, fifth probe: --halves)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    seq = tl.program_id(0) // num_kv_heads
+    kv_head = tl.program_id(0) % num_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    head_in_group = offs_m % QPK_PAD
+    row_ok = (offs_m // QPK_PAD == 0) & (head_in_group < NUM_QPK)
+    head = kv_head * NUM_QPK + head_in_group
+    token = seq.to(tl.int64)
+    q_rows = q_ptr + token * stride_qt + head[:, None] * stride_qh
+    q_a = tl.load(q_rows + offs_h[None, :], mask=row_ok[:, None], other=0.0)
+    q_b = tl.load(q_rows + HALF + offs_h[None, :], mask=row_ok[:, None], other=0.0)
+    q_a = tl.minimum(tl.maximum(q_a.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q_b = tl.minimum(tl.maximum(q_b.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    for tile in range(0, tl.cdiv(seq_len, TILE_N)):
+        k_pos = tile * TILE_N + tl.arange(0, TILE_N)
+        k_ok = k_pos < seq_len
+        block = tl.load(block_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        in_block = (k_pos % BLOCK_SIZE).to(tl.int64)
+        k_rows = k_head + (block * stride_kb + in_block * stride_ks)[None, :]
+        k_a = tl.load(k_rows + offs_h[:, None], mask=k_ok[None, :], other=0.0).to(tl.float16)
+        s = tl.dot(q_a, k_a)
+        k_b = tl.load(k_rows + HALF + offs_h[:, None], mask=k_ok[None, :], other=0.0).to(tl.float16)
+        s = tl.dot(q_b, k_b, s) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p16 = p.to(tl.float16)
+        v_rows = v_head + (block * stride_vb + in_block * stride_vs)[:, None]
+        v_a = tl.load(v_rows + offs_h[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
+        acc_a = acc_a * alpha[:, None] + tl.dot(p16, v_a)
+        v_b = tl.load(v_rows + HALF + offs_h[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
+        acc_b = acc_b * alpha[:, None] + tl.dot(p16, v_b)
+        m_i = m_new
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    o_rows = out_ptr + token * stride_qt + head[:, None] * stride_qh
+    tl.store(o_rows + offs_h[None, :], (acc_a * inv[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_rows + HALF + offs_h[None, :], (acc_b * inv[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def probe_halves(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, maxnreg=None):
+    num_seqs = seq_lens.shape[0]
+    _, block_size, kv_heads, head_dim = kc.shape
+    qpk = q.shape[1] // kv_heads
+    qpk_pad = triton.next_power_of_2(qpk)
+    launch = {"maxnreg": maxnreg} if maxnreg else {}
+    return _decode_probe_halves[(num_seqs * kv_heads,)](
+        out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), table.stride(0),
+        NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(16, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+
+
 def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0, fp8_qk=False,
           fp8_pv=False, block_m=16, prefetch=False, maxnreg=None):
     """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
@@ -162,7 +241,11 @@ def main():
                       nbytes, copy_bw=copy_bw)
             out = torch.empty_like(q)
             variants = [("nhd", vc, {}), ("nhd-trans", vc, {"v_mode": 1}), ("hdn-3d", vc_hdn, {"v_mode": 2})]
-            if "--regs" in sys.argv:  # session 7, fourth probe: registers (ncu: fp8 decode holds 208 a thread)
+            if "--halves" in sys.argv:  # session 7, fifth probe: head_dim in halves (fewer live registers)
+                variants = [("nhd", vc, {}), ("nhd cap 168", vc, {"maxnreg": 168}),
+                            ("halves", vc, {"halves": True}), ("halves cap 128", vc, {"halves": True, "maxnreg": 128}),
+                            ("halves cap 168", vc, {"halves": True, "maxnreg": 168})]
+            elif "--regs" in sys.argv:  # session 7, fourth probe: registers (ncu: fp8 decode holds 208 a thread)
                 variants = [(f"nhd maxnreg {r}" if r else "nhd", vc, {"maxnreg": r}) for r in (None, 168, 128)]
             elif "--prefetch" in sys.argv:  # session 7, third probe: the block numbers one tile ahead
                 variants = [variants[0], ("nhd prefetch", vc, {"prefetch": True})]
@@ -177,8 +260,12 @@ def main():
                     shapes += ((64, 4, 4), (128, 8, 3))
                 for tile_n, warps, stages in shapes:
                     try:
-                        run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe(q, kc, v, sl, table, out, t, w, s,  # noqa: E731
-                                                                                 **kw)
+                        if kw.get("halves"):
+                            run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe_halves(  # noqa: E731
+                                q, kc, v, sl, table, out, t, w, s, kw.get("maxnreg"))
+                        else:
+                            run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe(  # noqa: E731
+                                q, kc, v, sl, table, out, t, w, s, **kw)
                         compiled = run()
                         ms = kb.bench(run)
                     except Exception as e:  # a variant Triton cannot compile here: say so and go on
