@@ -51,6 +51,12 @@ def record(name, ms, nbytes=None, flops=None, copy_bw=None, **extra):
     return row
 
 
+def ctx900():
+    """The engine's decode step in these benches: the context lengths of 400 rows, 100..1699 (~900) tokens."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randint(100, 1700, (400,), generator=g).tolist()
+
+
 def batch(q_lens, ctx, seed=0, kv_dt=None):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = [q + c for q, c in zip(q_lens, ctx)]
@@ -172,8 +178,7 @@ def main():
     sweep("decode 256x4096", args, hints, nbytes, None, copy_bw, variants, read_bw)
     del args
     if FP8:  # the engine's decode step: 400 rows at ~900 tokens, fp8 against bf16
-        g = torch.Generator().manual_seed(4)
-        ctx = torch.randint(100, 1700, (400,), generator=g).tolist()
+        ctx = ctx900()
         args, hints, nbytes = batch([1] * 400, ctx, seed=4, kv_dt=DT)
         sweep("decode 400x900 bf16 cache", args, hints, nbytes, None, copy_bw, [("default", {})], read_bw)
         args, hints, nbytes = batch([1] * 400, ctx, seed=4)

@@ -58,8 +58,7 @@ def main():
     meta = {"device": props.name, "torch": torch.__version__, "argv": sys.argv}
     print(json.dumps(meta), flush=True)
     copy_bw = copy_bandwidth()
-    g = torch.Generator().manual_seed(4)
-    ctx900 = torch.randint(100, 1700, (400,), generator=g).tolist()
+    ctx900 = kb.ctx900()
     g = torch.Generator().manual_seed(2)
     mixed_q = [1] * 192 + [512] * 8
     mixed_ctx = torch.randint(2048, 4097, (192,), generator=g).tolist() + torch.randint(1024, 4097, (8,), generator=g).tolist()

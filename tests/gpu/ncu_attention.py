@@ -18,10 +18,8 @@ from batchllm.kernels.attention import unified_attention  # noqa: E402
 
 case = sys.argv[1]
 if case in ("fp8", "bf16"):
-    g = torch.Generator().manual_seed(4)
-    ctx = torch.randint(100, 1700, (400,), generator=g).tolist()
     kv_dt = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[case]
-    args, hints, nbytes = kb.batch([1] * 400, ctx, seed=4, kv_dt=kv_dt)
+    args, hints, nbytes = kb.batch([1] * 400, kb.ctx900(), seed=4, kv_dt=kv_dt)
 else:
     n, length = (int(x) for x in case.removeprefix("prefill-").split("x"))
     args, hints, nbytes = kb.batch([length] * n, [0] * n, seed=0, kv_dt=torch.bfloat16)

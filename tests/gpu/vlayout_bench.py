@@ -39,6 +39,35 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @triton.jit
+def _program_rows(num_kv_heads, stride_qt, stride_qh, NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """This program's sequence and KV head, its real rows, and their offsets in the query (and out) [BLOCK_M, 1]."""
+    seq = tl.program_id(0) // num_kv_heads
+    kv_head = tl.program_id(0) % num_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    head_in_group = offs_m % QPK_PAD
+    row_ok = (offs_m // QPK_PAD == 0) & (head_in_group < NUM_QPK)
+    head = kv_head * NUM_QPK + head_in_group
+    return seq, kv_head, row_ok, seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
+
+
+@triton.jit
+def _to_f16(x):
+    """As the engine's F16_DOT: exact for bf16 values within fp16's normal range (clamped to its max)."""
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One tile's scores into the running (max, sum): returns (p, alpha, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _decode_probe(
     out_ptr, q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_kv_heads,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
@@ -47,18 +76,11 @@ def _decode_probe(
     FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,  # fp8 MMAs: the query (QK^T) or P (PV) rounded to e4m3, no widening
     PREFETCH: tl.constexpr,  # the next tile's block numbers are loaded one iteration ahead (no dependent load chain)
 ):
-    seq = tl.program_id(0) // num_kv_heads
-    kv_head = tl.program_id(0) % num_kv_heads
-    offs_m = tl.arange(0, BLOCK_M)
+    seq, kv_head, row_ok, rows = _program_rows(num_kv_heads, stride_qt, stride_qh, NUM_QPK, QPK_PAD, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    head_in_group = offs_m % QPK_PAD
-    row_ok = (offs_m // QPK_PAD == 0) & (head_in_group < NUM_QPK)
-    head = kv_head * NUM_QPK + head_in_group
-    token = seq.to(tl.int64)
-    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    q = tl.load(q_ptr + rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q8 = tl.minimum(tl.maximum(q.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
-    q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q = _to_f16(q)
     seq_len = tl.load(seq_lens_ptr + seq)
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_ptr + kv_head * stride_kh
@@ -85,11 +107,7 @@ def _decode_probe(
         else:
             s = tl.dot(q, k.to(tl.float16)) * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         if FP8_PV:  # the engine's layout, P rounded to e4m3
             v8 = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + (offs_d * stride_vd)[None, :],
                          mask=k_ok[:, None], other=0.0)
@@ -112,35 +130,24 @@ def _decode_probe(
             v = tl.trans(tl.reshape(v3, [HEAD_DIM, TILE_N]).to(tl.float16))
         if not FP8_PV:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-        m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(out_ptr + rows + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _decode_probe_halves(
     out_ptr, q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_kv_heads,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     NUM_QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
 ):
     """_decode_probe with head_dim in two halves: QK^T as two MMAs over halves of K, PV into two accumulators, so
     no widened K or V tile is whole in registers at once (session 7, fifth probe: --halves)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    seq = tl.program_id(0) // num_kv_heads
-    kv_head = tl.program_id(0) % num_kv_heads
-    offs_m = tl.arange(0, BLOCK_M)
+    seq, kv_head, row_ok, rows = _program_rows(num_kv_heads, stride_qt, stride_qh, NUM_QPK, QPK_PAD, BLOCK_M)
     offs_h = tl.arange(0, HALF)
-    head_in_group = offs_m % QPK_PAD
-    row_ok = (offs_m // QPK_PAD == 0) & (head_in_group < NUM_QPK)
-    head = kv_head * NUM_QPK + head_in_group
-    token = seq.to(tl.int64)
-    q_rows = q_ptr + token * stride_qt + head[:, None] * stride_qh
-    q_a = tl.load(q_rows + offs_h[None, :], mask=row_ok[:, None], other=0.0)
-    q_b = tl.load(q_rows + HALF + offs_h[None, :], mask=row_ok[:, None], other=0.0)
-    q_a = tl.minimum(tl.maximum(q_a.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    q_b = tl.minimum(tl.maximum(q_b.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q_a = _to_f16(tl.load(q_ptr + rows + offs_h[None, :], mask=row_ok[:, None], other=0.0))
+    q_b = _to_f16(tl.load(q_ptr + rows + HALF + offs_h[None, :], mask=row_ok[:, None], other=0.0))
     seq_len = tl.load(seq_lens_ptr + seq)
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_ptr + kv_head * stride_kh
@@ -160,59 +167,41 @@ def _decode_probe_halves(
         k_b = tl.load(k_rows + HALF + offs_h[:, None], mask=k_ok[None, :], other=0.0).to(tl.float16)
         s = tl.dot(q_b, k_b, s) * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         p16 = p.to(tl.float16)
         v_rows = v_head + (block * stride_vb + in_block * stride_vs)[:, None]
-        v_a = tl.load(v_rows + offs_h[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
+        v_a = tl.load(v_rows + (offs_h * stride_vd)[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
         acc_a = acc_a * alpha[:, None] + tl.dot(p16, v_a)
-        v_b = tl.load(v_rows + HALF + offs_h[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
+        v_b = tl.load(v_rows + ((HALF + offs_h) * stride_vd)[None, :], mask=k_ok[:, None], other=0.0).to(tl.float16)
         acc_b = acc_b * alpha[:, None] + tl.dot(p16, v_b)
-        m_i = m_new
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    o_rows = out_ptr + token * stride_qt + head[:, None] * stride_qh
-    tl.store(o_rows + offs_h[None, :], (acc_a * inv[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(o_rows + HALF + offs_h[None, :], (acc_b * inv[:, None]).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows + offs_h[None, :], (acc_a * inv[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(out_ptr + rows + HALF + offs_h[None, :], (acc_b * inv[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
 
-
-def probe_halves(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, maxnreg=None):
-    num_seqs = seq_lens.shape[0]
-    _, block_size, kv_heads, head_dim = kc.shape
-    qpk = q.shape[1] // kv_heads
-    qpk_pad = triton.next_power_of_2(qpk)
-    launch = {"maxnreg": maxnreg} if maxnreg else {}
-    return _decode_probe_halves[(num_seqs * kv_heads,)](
-        out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), table.stride(0),
-        NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(16, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages, **launch,
-    )
-
-
 def probe(q, kc, vc, seq_lens, table, out, tile_n=128, num_warps=4, num_stages=3, v_mode=0, fp8_qk=False,
-          fp8_pv=False, block_m=16, prefetch=False, maxnreg=None):
-    """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides)."""
-    num_seqs = seq_lens.shape[0]
+          fp8_pv=False, block_m=16, prefetch=False, maxnreg=None, halves=False):
+    """vc: [num_blocks, block_size, kv_heads, head_dim] indexable (any strides). halves: _decode_probe_halves
+    (the engine's V order only, no fp8 MMAs). Returns the compiled kernel (registers, spills)."""
     _, block_size, kv_heads, head_dim = kc.shape
     qpk = q.shape[1] // kv_heads
     qpk_pad = triton.next_power_of_2(qpk)
-    launch = {"maxnreg": maxnreg} if maxnreg else {}
-    return _decode_probe[(num_seqs * kv_heads,)](
+    if halves:
+        kernel, variant = _decode_probe_halves, {}
+    else:
+        kernel, variant = _decode_probe, dict(V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, PREFETCH=prefetch)
+    return kernel[(seq_lens.shape[0] * kv_heads,)](
         out, q, kc, vc, seq_lens, table, head_dim**-0.5 * 1.4426950408889634, kv_heads,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3), table.stride(0),
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), *vc.stride(), table.stride(0),
         NUM_QPK=qpk, QPK_PAD=qpk_pad, BLOCK_M=max(block_m, qpk_pad), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, V_MODE=v_mode, FP8_QK=fp8_qk, FP8_PV=fp8_pv, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages, **launch,
+        TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages, **variant,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-
 
 def main():
     import kernel_bench as kb
+    from layout_bench import copy_bandwidth
 
     from batchllm.kernels.attention import unified_attention
 
@@ -220,12 +209,8 @@ def main():
     meta = {"device": torch.cuda.get_device_properties(0).name, "torch": torch.__version__,
             "triton": triton.__version__}
     print(json.dumps(meta), flush=True)
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_bw = kb.record("copy 1GiB", kb.bench(lambda: dst.copy_(src)), 4 * src.numel())["GB/s"]
-    del src, dst
-    g = torch.Generator().manual_seed(4)
-    cases = [("400x900", [1] * 400, torch.randint(100, 1700, (400,), generator=g).tolist()),
+    copy_bw = copy_bandwidth()
+    cases = [("400x900", [1] * 400, kb.ctx900()),
              ("256x4096", [1] * 256, [4095] * 256)]
     dtypes = ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16"))
     if "--fp8" in sys.argv:  # the fp8 cache only
@@ -260,12 +245,8 @@ def main():
                     shapes += ((64, 4, 4), (128, 8, 3))
                 for tile_n, warps, stages in shapes:
                     try:
-                        if kw.get("halves"):
-                            run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe_halves(  # noqa: E731
-                                q, kc, v, sl, table, out, t, w, s, kw.get("maxnreg"))
-                        else:
-                            run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe(  # noqa: E731
-                                q, kc, v, sl, table, out, t, w, s, **kw)
+                        run = lambda v=v, t=tile_n, w=warps, s=stages, kw=kw: probe(  # noqa: E731
+                            q, kc, v, sl, table, out, t, w, s, **kw)
                         compiled = run()
                         ms = kb.bench(run)
                     except Exception as e:  # a variant Triton cannot compile here: say so and go on
