@@ -62,6 +62,8 @@ def _engine_options(f):
         click.option("--num-kv-blocks", type=int, default=None),
         click.option("--max-model-len", type=int, default=None),
         click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
+        click.option("--piecewise-graphs/--no-piecewise-graphs", default=True, show_default=True,
+                     help="CUDA: prefill and mixed steps of <= 4,096 tokens as graphs cut at attention."),
         click.option("--async-scheduling/--no-async-scheduling", default=None,
                      help="Schedule each step while the previous one runs [on for CUDA, off on the CPU]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts."),
@@ -75,11 +77,11 @@ def _engine_options(f):
 
 
 def _engine_args(device, dtype, kv_cache_dtype, quantization, max_num_seqs, max_num_batched_tokens, num_kv_blocks,
-                 max_model_len, enforce_eager, async_scheduling, **extra):
+                 max_model_len, enforce_eager, async_scheduling, piecewise_graphs=True, **extra):
     return dict(device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                 max_model_len=max_model_len, enforce_eager=enforce_eager or None, async_scheduling=async_scheduling,
-                **extra)
+                piecewise_graphs=piecewise_graphs, **extra)
 
 
 def _len_spec(fixed, rng, name):
@@ -151,6 +153,7 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
         "engine_args": {"max_num_seqs": llm.max_num_seqs, "max_num_batched_tokens": llm.config.token_budget(),
                         "num_kv_blocks": llm.runner.num_kv_blocks, "block_size": llm.config.block_size,
                         "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len,
+                        "piecewise_graphs": llm.runner.piecewise is not None,
                         "kv_cache_dtype": str(llm.runner.kv_dtype).replace("torch.", ""),
                         "quantization": llm.config.quantization},
     }
@@ -160,6 +163,8 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
                             "pads_to": [graphs.padded_size(s) for s in graphs.sizes]}
     result["engine"] = eng = run_engine(llm, prompts, out_lens, warmup=warmup, profile=profile,
                                             temperature=temperature)
+    if llm.runner.piecewise is not None:  # steps that ran through the piecewise graphs (warm-up included)
+        eng["piecewise_steps"] = llm.runner.piecewise.num_replays
     if peaks is not None:
         from batchllm.bench_roofline import ModelShape
         from batchllm.bench_roofline import roofline as estimate

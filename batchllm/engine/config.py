@@ -33,6 +33,7 @@ class EngineConfig:
     quantization: str | None = None  # None | fp8: weights stored in fp8 (e4m3), per-channel scales (batchllm/quant)
     kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8: K/V stored in e4m3, half the bytes of bf16
     enforce_eager: bool = False  # no CUDA graphs
+    piecewise_graphs: bool = True  # CUDA: prefill and mixed steps of <= 4,096 tokens as graphs cut at attention
     async_scheduling: bool | None = None  # None: on for CUDA (schedule step N+1 while step N runs), off on the CPU
     seed: int = 0
 

@@ -94,6 +94,12 @@ class ModelRunner:
                 MIN_AUTO_SEQS, MAX_AUTO_SEQS)
         self._allocate_kv_cache()
         self.graphs = None
+        self.piecewise = None
+        if self._piecewise_tokens():
+            from batchllm.engine.piecewise_graphs import PiecewiseGraphs
+
+            self.piecewise = PiecewiseGraphs(self.model, self.device, self.dtype, self._piecewise_tokens())
+            self.piecewise.capture()
         if self.device.type == "cuda" and not config.enforce_eager:
             from batchllm.engine.cuda_graphs import DecodeGraphs
 
@@ -114,6 +120,15 @@ class ModelRunner:
             else:
                 p.normal_(0.0, 0.02, generator=g)
 
+    def _piecewise_tokens(self) -> int:
+        """The largest step the piecewise graphs take (0: none)."""
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.config.piecewise_graphs:
+            return 0
+        from batchllm.engine.piecewise_graphs import max_piece_tokens
+
+        per_layer = sum(p.numel() for p in self.model.model.layers[0].parameters())
+        return max_piece_tokens(per_layer, self.config.token_budget())
+
     def _blocks_from_memory(self, rows: int) -> int:
         """KV blocks that fit beside the weights and the peak of a step sampling `rows` rows."""
         per_block = kv_bytes_per_block(self.hf_config, self.block_size, self.kv_dtype)
@@ -122,6 +137,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
             budget = total * self.config.gpu_memory_utilization - others - peak - (256 << 20)  # graphs, slack
+            if self._piecewise_tokens():
+                from batchllm.engine.piecewise_graphs import buffer_bytes
+
+                budget -= buffer_bytes(self.hf_config, self._piecewise_tokens(), self.dtype)
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         # no more than enough for max_num_seqs full-length sequences
@@ -263,7 +282,10 @@ class ModelRunner:
             hidden, logits_indices, sample = self._decode_with_graph(out)
         else:
             input_ids, positions, meta, logits_indices, sample = self._prepare(out)
-            hidden = self.model(input_ids, positions, meta)
+            if self.piecewise is not None and input_ids.shape[0] <= self.piecewise.sizes[-1]:
+                hidden = self.piecewise.run(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta)
         reqs = [out.scheduled[i][0] for i in np.flatnonzero(sample)]
         self._prev_tokens, self._prev_index = None, {}
         if not reqs:

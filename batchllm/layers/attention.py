@@ -73,6 +73,8 @@ class PagedAttention(nn.Module):
         self.value_cache: torch.Tensor | None = None
         self.backend = None
 
-    def forward(self, q, k, v, meta: AttentionMetadata):
-        out = torch.empty_like(q)
+    def forward(self, q, k, v, meta: AttentionMetadata, out=None):
+        """out: where to write (a static buffer of the piecewise CUDA graphs), else a new tensor."""
+        if out is None:
+            out = torch.empty_like(q)
         return self.backend(q, k, v, self.key_cache, self.value_cache, meta, self.scale, out)

@@ -33,17 +33,23 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, rope, x, meta: AttentionMetadata):
+    def project(self, rope, x):
+        """x: [n, hidden] -> (qk: [n, num_heads + num_kv_heads, head_dim] with rotary applied, v: [n, num_kv_heads,
+        head_dim]): everything before the attention kernel."""
         qkv = self.qkv_proj(x)
         n = qkv.shape[0]
         qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
-        qk = fused.rotary(qk, *rope)  # q and k heads in one pass
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        o = self.attn(q, k, v, meta)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return fused.rotary(qk, *rope), v  # q and k heads in one pass
+
+    def attend(self, qk, v, meta: AttentionMetadata, out=None):
+        """The paged attention kernel (and the cache write) on project's output -> [n, num_heads, head_dim]."""
+        return self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v, meta, out=out)
+
+    def forward(self, rope, x, meta: AttentionMetadata):
+        return self.o_proj(self.attend(*self.project(rope, x), meta).reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
@@ -65,15 +71,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope, x, residual, meta):
-        """x: this layer's input before its residual add; residual: the stream so far (None at layer 0)."""
+    def pre(self, rope, x, residual):
+        """Up to the attention kernel. x: this layer's input before its residual add; residual: the stream so far
+        (None at layer 0) -> (qk, v, residual)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, meta)
+        return *self.self_attn.project(rope, x), residual
+
+    def post(self, o, residual):
+        """After the attention kernel. o: its output [n, num_heads, head_dim] -> (the layer's output before its
+        residual add, residual)."""
+        x = self.self_attn.o_proj(o.reshape(o.shape[0], -1))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def forward(self, rope, x, residual, meta):
+        qk, v, residual = self.pre(rope, x, residual)
+        return self.post(self.self_attn.attend(qk, v, meta), residual)
 
 
 class Model(nn.Module):
@@ -85,9 +101,13 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, meta):
+    def embed(self, input_ids, positions):
+        """-> (token embeddings, the step's rotary cos/sin, looked up once for all layers)."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions, x.dtype)
+        return x, self.rotary.cos_sin(positions, x.dtype)
+
+    def forward(self, input_ids, positions, meta):
+        x, rope = self.embed(input_ids, positions)
         residual = None
         for layer in self.layers:
             x, residual = layer(rope, x, residual, meta)

@@ -328,3 +328,21 @@ fi
 if [ "$phase" = s7j ]; then  # session 7: the fp8 decode probe with head_dim in halves (vlayout_bench.py --fp8 --halves)
   python3 tests/gpu/vlayout_bench.py --fp8 --halves 2>&1 | grep -E "^(fp8|copy)|FAILED" | tee "$OUT/vlayout.txt"
 fi
+if [ "$phase" = s8a ]; then  # session 8: a step as two nano-batches on two streams (nanobatch_bench.py), bf16 and fp8 KV
+  python3 tests/gpu/nanobatch_bench.py 2>&1 | grep -vE "Warning|warn" | tail -n 8
+  cp "$OUT/nanobatch_bench.json" "$OUT/nanobatch_bench_bf16.json"
+  python3 tests/gpu/nanobatch_bench.py --kv-cache-dtype fp8 2>&1 | grep -vE "Warning|warn" | tail -n 8
+fi
+Q="$B throughput --model qwen3-0.6b --device cuda --input-len-range 100 1024 --output-len-range 100 1024"
+P="^steps|^engine|output tok|^KV"
+if [ "$phase" = s8b ]; then  # session 8: GPU tests; piecewise graphs on / off for qwen3-0.6b, 256 and 2,000 prompts
+  python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tail -n 5 | tee "$OUT/gpu_tests.log"
+  for n in 256 2000; do
+    $Q --num-prompts $n --no-roofline --json "$OUT/qwen3-$n-pw.json" 2>&1 | grep -E "$P"
+    $Q --num-prompts $n --no-roofline --no-piecewise-graphs --json "$OUT/qwen3-$n-nopw.json" 2>&1 | grep -E "$P"
+  done
+fi
+if [ "$phase" = s8c ]; then  # session 8: piecewise graphs on / off for llama3-8b (the issue-3 workload)
+  $L --json "$OUT/llama3-8b-pw.json" 2>&1 | grep -E "$G|$P"
+  $L --no-piecewise-graphs --json "$OUT/llama3-8b-nopw.json" 2>&1 | grep -E "$G|$P"
+fi

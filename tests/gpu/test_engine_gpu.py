@@ -1,6 +1,6 @@
 """The CUDA engine (Triton attention, CUDA graphs) against HF transformers on random-weight models.
 
-fp32: token-exact greedy, through chunked prefill, preemption and graph-replayed decode.
+fp32: token-exact greedy, through chunked prefill (piecewise graphs), preemption and graph-replayed decode.
 Mixed steps of every shape: no attention kernel compiled after warm-up. Graphs above 512 rows equal eager.
 bf16: the first token's top-20 logprobs close to HF's; with an fp8 KV cache or fp8 weights, too. Neither the sampler nor any engine step waits for the device.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
@@ -29,6 +29,7 @@ def test_fp32_greedy_matches_hf(tiny_model_factory, arch):
     prompts = _prompts(llm.hf_config.vocab_size)
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert llm.stats()["num_preemptions"] >= 1
+    assert llm.runner.piecewise.num_replays > 0  # prefill and mixed steps ran through the piecewise graphs
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     with torch.no_grad():
         for i, (p, o) in enumerate(zip(prompts, outs)):
