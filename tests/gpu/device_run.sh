@@ -346,3 +346,16 @@ if [ "$phase" = s8c ]; then  # session 8: piecewise graphs on / off for llama3-8
   $L --json "$OUT/llama3-8b-pw.json" 2>&1 | grep -E "$G|$P"
   $L --no-piecewise-graphs --json "$OUT/llama3-8b-nopw.json" 2>&1 | grep -E "$G|$P"
 fi
+if [ "$phase" = s8d ]; then  # session 8: GPU tests; start-up time and memory with and without piecewise graphs
+  python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  for m in qwen3-0.6b llama3-8b; do for pw in True False; do
+    python3 -c "
+import time, torch
+from batchllm import LLM
+t = time.time(); llm = LLM('$m', device='cuda', piecewise_graphs=$pw); torch.cuda.synchronize()
+p = llm.runner.piecewise
+print('$m piecewise=$pw: start-up %.1f s, %d KV blocks, %d piece sizes up to %d tokens, %.2f GiB reserved'
+      % (time.time() - t, llm.runner.num_kv_blocks, len(p.sizes) if p else 0, p.sizes[-1] if p else 0,
+         torch.cuda.memory_reserved() / 2**30))" 2>&1 | grep piecewise= | tee -a "$OUT/startup.txt"
+  done; done
+fi
