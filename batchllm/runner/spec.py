@@ -119,6 +119,7 @@ class EngineSpec(_Section):
     num_kv_blocks: Optional[int] = Field(default=None, ge=2)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     enforce_eager: bool = False
+    piecewise_graphs: bool = True
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
 

@@ -137,7 +137,7 @@ def make_engine(spec):
         max_num_batched_tokens=e.max_num_batched_tokens, enable_prefix_caching=e.enable_prefix_caching,
         max_model_len=spec.model.max_model_len, num_kv_blocks=e.num_kv_blocks,
         gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-        kv_cache_dtype=e.kv_cache_dtype,
+        piecewise_graphs=e.piecewise_graphs, kv_cache_dtype=e.kv_cache_dtype,
         quantization=None if spec.model.quantization == "none" else spec.model.quantization,
     )
 

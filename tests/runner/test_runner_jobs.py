@@ -213,3 +213,15 @@ def test_fp8_settings_reach_the_engine(tiny_model_dir, tmp_path):
     r = cli("submit", write_job(tmp_path / "job.yaml", doc), "--no-progress")
     assert r.exit_code == 0, r.output + r.stderr
     assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(6))
+
+
+def test_graph_settings_reach_the_engine(tiny_model_dir, tmp_path):
+    """engine.enforce_eager and engine.piecewise_graphs are passed to the engine (they act on CUDA only)."""
+    from batchllm.runner.spec import spec_from_dict
+    from batchllm.runner.worker import make_engine
+
+    doc = job_doc(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out",
+                  engine={"piecewise_graphs": False, "enforce_eager": True})
+    llm = make_engine(spec_from_dict(doc))
+    assert llm.config.piecewise_graphs is False and llm.config.enforce_eager is True
+    assert make_engine(spec_from_dict(job_doc(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out"))).config.piecewise_graphs
