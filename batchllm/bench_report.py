@@ -88,11 +88,11 @@ def print_throughput(r: dict) -> None:
              f"{h['requests_s']:>8.2f}")
         echo(f"engine / hf output tok/s: {r['speedup_vs_hf']:.2f}x  (hf generated {h['generated_tokens']} tokens "
              f"for {h['output_tokens']} useful)")
-    pw = f" ({e['piecewise_steps']} as piecewise graphs)" if "piecewise_steps" in e else ""
-    echo(f"steps: {e['prefill_steps']} prefill/mixed{pw} {e['prefill_s']:.2f} s, {e['decode_steps']} decode "
+    pw = f"; piecewise graphs replayed by {e['piecewise_steps']} steps (warm-up included)" if "piecewise_steps" in e else ""
+    echo(f"steps: {e['prefill_steps']} prefill/mixed {e['prefill_s']:.2f} s, {e['decode_steps']} decode "
          f"{e['decode_s']:.2f} s (mean batch {e['decode_batch_mean']:.1f}); launching {e['execute_s']:.2f} s "
          f"(inputs {e['prepare_s']:.2f} s), waiting on the device {e['wait_s']:.2f} s, scheduler "
-         f"{e['scheduler_s']:.2f} s{' (async scheduling)' if e['async_scheduling'] else ''}")
+         f"{e['scheduler_s']:.2f} s{' (async scheduling)' if e['async_scheduling'] else ''}{pw}")
     echo(f"KV peak {100 * e['peak_kv_usage']:.1f}% of {e['num_kv_blocks']} blocks, prefix hit "
          f"{100 * e['prefix_hit_rate']:.1f}%, preemptions {e['num_preemptions']}")
     if "roofline" in r:

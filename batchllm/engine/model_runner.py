@@ -124,10 +124,10 @@ class ModelRunner:
         """The largest step the piecewise graphs take (0: none)."""
         if self.device.type != "cuda" or self.config.enforce_eager or not self.config.piecewise_graphs:
             return 0
-        from batchllm.engine.piecewise_graphs import max_piece_tokens
+        from batchllm.engine.piecewise_graphs import matmul_params_per_layer, max_piece_tokens
 
-        per_layer = sum(p.numel() for p in self.model.model.layers[0].parameters())
-        return max_piece_tokens(per_layer, self.config.token_budget())
+        return max_piece_tokens(matmul_params_per_layer(self.hf_config), self.config.token_budget(),
+                                fp8=self.config.quantization == "fp8")
 
     def _blocks_from_memory(self, rows: int) -> int:
         """KV blocks that fit beside the weights and the peak of a step sampling `rows` rows."""

@@ -3,8 +3,8 @@
 A forward is cut at its attention kernels: piece 0 embeds and runs layer 0 up to its attention, piece i runs
 layer i-1 after its attention and layer i up to it, the last piece ends with the final norm. Each piece is a
 CUDA graph per padded token count; attention (the cache write and the kernel, whose launch follows the batch's
-sequences) runs eagerly between replays, from and into static buffers. A step then costs 2-3 launches a layer
-instead of ~12 plus torch.compile's guards: on an H100 a qwen3-0.6b mixed step (256 decode rows + a 920-token
+sequences) runs eagerly between replays, from and into static buffers. A step then costs 3-4 launches a layer
+(a replay, the cache write, one or two attention launches) instead of ~12 plus torch.compile's guards: on an H100 a qwen3-0.6b mixed step (256 decode rows + a 920-token
 prompt) took 29.7 ms eager against 13.5 as a graph, while the GPU needs the same time for both (docs/benchmarks.md,
 T68). Padded rows cost matmul work only: attention never reads or writes them.
 
@@ -20,10 +20,21 @@ HOST_S_PER_LAYER = 1.0e-3  # launching a layer eagerly: qwen3-0.6b's mixed step,
 MATMUL_FLOP_S = 700e12  # about a Hopper card's bf16 matmul rate (777-786 TFLOP/s peaks measured)
 
 
-def max_piece_tokens(params_per_layer: int, token_budget: int) -> int:
+def matmul_params_per_layer(hf_config) -> int:
+    """Weights one token multiplies in a decoder layer (QKV, O, gate/up, down), from the config: the count does
+    not change when fp8 quantization replaces the parameters."""
+    h = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or h // heads
+    return h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * hf_config.intermediate_size
+
+
+def max_piece_tokens(params_per_layer: int, token_budget: int, fp8: bool = False) -> int:
     """The largest step worth graphs: where one layer's matmuls take about as long as launching the layer
-    eagerly (llama3-8b ~1,600 tokens, qwen3-0.6b far above 4,096), within 256..4,096 and the step budget."""
-    breakeven = HOST_S_PER_LAYER * MATMUL_FLOP_S / (2 * params_per_layer)
+    eagerly (llama3-8b ~1,600 tokens in bf16, twice that with fp8 matmuls; qwen3-0.6b far above 4,096), within
+    256..4,096 and the step budget."""
+    breakeven = HOST_S_PER_LAYER * MATMUL_FLOP_S * (2 if fp8 else 1) / (2 * params_per_layer)
     return int(min(4096, token_budget, max(256, breakeven)))
 
 

@@ -359,3 +359,9 @@ print('$m piecewise=$pw: start-up %.1f s, %d KV blocks, %d piece sizes up to %d 
          torch.cuda.memory_reserved() / 2**30))" 2>&1 | grep piecewise= | tee -a "$OUT/startup.txt"
   done; done
 fi
+if [ "$phase" = s8e ]; then  # session 8: piecewise graphs on / off for llama3-8b with an fp8 KV cache, then fp8 weights and KV
+  for f in "--kv-cache-dtype fp8" "--kv-cache-dtype fp8 --quantization fp8"; do
+    $L $f 2>&1 | grep -E "$G|$P"
+    $L $f --no-piecewise-graphs 2>&1 | grep -E "$G|$P"
+  done
+fi
