@@ -77,7 +77,7 @@ def _engine_options(f):
 
 
 def _engine_args(device, dtype, kv_cache_dtype, quantization, max_num_seqs, max_num_batched_tokens, num_kv_blocks,
-                 max_model_len, enforce_eager, async_scheduling, piecewise_graphs=True, **extra):
+                 max_model_len, enforce_eager, async_scheduling, piecewise_graphs, **extra):
     return dict(device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                 max_model_len=max_model_len, enforce_eager=enforce_eager or None, async_scheduling=async_scheduling,

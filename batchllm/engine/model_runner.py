@@ -74,6 +74,7 @@ class ModelRunner:
             self.model.pack_for_cpu()
             fused.enable_cpu_kernels()
         self.hf_config = hf_config
+        self.piecewise_tokens = self._piecewise_tokens()  # the largest step the piecewise graphs take (0: none)
         backend = {"cuda": "triton", "cpu": "cpu"}.get(self.device.type, "torch")
         if self.device.type == "cuda" and not config.enforce_eager:
             from batchllm.layers import fused
@@ -95,10 +96,10 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.graphs = None
         self.piecewise = None
-        if self._piecewise_tokens():
+        if self.piecewise_tokens:
             from batchllm.engine.piecewise_graphs import PiecewiseGraphs
 
-            self.piecewise = PiecewiseGraphs(self.model, self.device, self.dtype, self._piecewise_tokens())
+            self.piecewise = PiecewiseGraphs(self.model, self.device, self.dtype, self.piecewise_tokens)
             self.piecewise.capture()
         if self.device.type == "cuda" and not config.enforce_eager:
             from batchllm.engine.cuda_graphs import DecodeGraphs
@@ -121,7 +122,6 @@ class ModelRunner:
                 p.normal_(0.0, 0.02, generator=g)
 
     def _piecewise_tokens(self) -> int:
-        """The largest step the piecewise graphs take (0: none)."""
         if self.device.type != "cuda" or self.config.enforce_eager or not self.config.piecewise_graphs:
             return 0
         from batchllm.engine.piecewise_graphs import matmul_params_per_layer, max_piece_tokens
@@ -137,10 +137,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
             budget = total * self.config.gpu_memory_utilization - others - peak - (256 << 20)  # graphs, slack
-            if self._piecewise_tokens():
+            if self.piecewise_tokens:
                 from batchllm.engine.piecewise_graphs import buffer_bytes
 
-                budget -= buffer_bytes(self.hf_config, self._piecewise_tokens(), self.dtype)
+                budget -= buffer_bytes(self.hf_config, self.piecewise_tokens, self.dtype)
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         # no more than enough for max_num_seqs full-length sequences

@@ -16,6 +16,8 @@ import bisect
 
 import torch
 
+from batchllm.engine.model_runner import kv_geometry
+
 HOST_S_PER_LAYER = 1.0e-3  # launching a layer eagerly: qwen3-0.6b's mixed step, 29.7 ms over 28 layers (T68)
 MATMUL_FLOP_S = 700e12  # about a Hopper card's bf16 matmul rate (777-786 TFLOP/s peaks measured)
 
@@ -23,10 +25,8 @@ MATMUL_FLOP_S = 700e12  # about a Hopper card's bf16 matmul rate (777-786 TFLOP/
 def matmul_params_per_layer(hf_config) -> int:
     """Weights one token multiplies in a decoder layer (QKV, O, gate/up, down), from the config: the count does
     not change when fp8 quantization replaces the parameters."""
-    h = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or h // heads
+    h, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    kv_heads, head_dim = kv_geometry(hf_config)
     return h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * hf_config.intermediate_size
 
 
@@ -48,10 +48,8 @@ def piece_sizes(max_tokens: int) -> list[int]:
 def buffer_bytes(hf_config, max_tokens: int, dtype: torch.dtype) -> int:
     """What capturing up to max_tokens keeps: the static buffers and the largest piece's temporaries (the MLP's
     gate/up and SiLU-mul outputs, the QKV), an upper estimate for the KV pool's sizing."""
-    h = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or h // heads
+    h, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    kv_heads, head_dim = kv_geometry(hf_config)
     per_token = 3 * h + (2 * heads + 3 * kv_heads) * head_dim + 3 * hf_config.intermediate_size + 2 * head_dim
     return max_tokens * per_token * dtype.itemsize * 2
 
@@ -62,7 +60,6 @@ class PiecewiseGraphs:
         activations'."""
         self.m = model.model
         self.sizes = piece_sizes(max_tokens)
-        self.device = device
         self.pieces: dict[int, list] = {}  # size -> its pieces' replays, one more than there are layers
         self.num_replays = 0  # steps run through the graphs (tests and the bench read it)
         n = self.sizes[-1]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from batchllm import LLM
+from batchllm.engine.model_runner import _leading_ones
 from batchllm.layers import fused
 from batchllm.layers.attention import AttentionMetadata
 from results import write_result  # tests/gpu/results.py, beside this script
@@ -144,6 +145,15 @@ def graph_ms(fn, iters: int):
     return statistics.median(times), out.clone()
 
 
+def metadata(q_lens, seq_lens, table, slots, device) -> AttentionMetadata:
+    """The engine's metadata for sequences of these query and total lengths (decode rows first)."""
+    t = lambda a, dt: torch.tensor(a, dtype=dt, device=device)  # noqa: E731
+    return AttentionMetadata(query_start_loc=t(np.concatenate([[0], np.cumsum(q_lens)]), torch.int32),
+                             seq_lens=t(seq_lens, torch.int32), block_table=t(table, torch.int32),
+                             slot_mapping=t(slots, torch.int64), max_query_len=int(q_lens.max()),
+                             max_seq_len=int(seq_lens.max()), num_decodes=_leading_ones(q_lens))
+
+
 class Pool:
     """Hands out KV blocks of the engine's pool, each sequence its own."""
 
@@ -151,7 +161,8 @@ class Pool:
         self.next, self.num_blocks, self.block_size = 0, num_blocks, block_size
 
     def seqs(self, q_lens, seq_lens, device, vocab, rng):
-        """Inputs and metadata of sequences with these query and total lengths (contexts already cached)."""
+        """Inputs and metadata of sequences with these query and total lengths (contexts already cached), and the
+        host arrays behind the metadata (q_lens, seq_lens, block table, slots) for merge."""
         q_lens, seq_lens = np.asarray(q_lens), np.asarray(seq_lens)
         nblocks = -(-seq_lens // self.block_size)
         assert self.next + nblocks.sum() <= self.num_blocks, "KV pool too small for this case"
@@ -163,23 +174,17 @@ class Pool:
         row = np.repeat(np.arange(len(q_lens)), q_lens)
         positions = np.arange(qsl[-1]) - np.repeat(qsl[:-1], q_lens) + np.repeat(seq_lens - q_lens, q_lens)
         slots = table[row, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
-        num_decodes = int(np.argmax(q_lens != 1)) if (q_lens != 1).any() else len(q_lens)
-        t = lambda a, dt: torch.tensor(a, dtype=dt, device=device)  # noqa: E731
-        meta = AttentionMetadata(query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
-                                 block_table=t(table, torch.int32), slot_mapping=t(slots, torch.int64),
-                                 max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
-                                 num_decodes=num_decodes)
-        ids = t(rng.integers(10, vocab - 10, int(qsl[-1])), torch.int64)
-        return ids, t(positions, torch.int64), meta, (q_lens, seq_lens, table)
+        part = (q_lens, seq_lens, table, slots)
+        ids = torch.tensor(rng.integers(10, vocab - 10, int(qsl[-1])), dtype=torch.int64, device=device)
+        return ids, torch.tensor(positions, dtype=torch.int64, device=device), metadata(*part, device), part
 
 
-def merge(parts, device):
-    """One batch from (q_lens, seq_lens, table) parts whose blocks were handed out apart: decode rows first."""
-    q_lens = np.concatenate([p[0] for p in parts])
-    seq_lens = np.concatenate([p[1] for p in parts])
+def merge(parts):
+    """One batch's (q_lens, seq_lens, table, slots) from parts whose blocks were handed out apart: decode rows first."""
     width = max(p[2].shape[1] for p in parts)
     table = np.concatenate([np.pad(p[2], ((0, 0), (0, width - p[2].shape[1]))) for p in parts])
-    return q_lens, seq_lens, table
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), table,
+            np.concatenate([p[3] for p in parts]))
 
 
 def case(llm, pool, rng, name, b_shape, a_shape, iters):
@@ -187,15 +192,7 @@ def case(llm, pool, rng, name, b_shape, a_shape, iters):
     dev, vocab, model = llm.runner.device, llm.hf_config.vocab_size, llm.runner.model
     ids_b, pos_b, meta_b, part_b = pool.seqs(*b_shape, dev, vocab, rng)
     ids_a, pos_a, meta_a, part_a = pool.seqs(*a_shape, dev, vocab, rng)
-    q_lens, seq_lens, table = merge([part_b, part_a], dev)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)])
-    both = AttentionMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        block_table=torch.tensor(table, dtype=torch.int32, device=dev),
-        slot_mapping=torch.cat([meta_b.slot_mapping, meta_a.slot_mapping]),
-        max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
-        num_decodes=int(np.argmax(q_lens != 1)) if (q_lens != 1).any() else len(q_lens))
+    both = metadata(*merge([part_b, part_a]), dev)
     ids, pos = torch.cat([ids_b, ids_a]), torch.cat([pos_b, pos_a])
     res = {"case": name, "rows_b": len(b_shape[0]), "tokens_b": int(np.sum(b_shape[0])),
            "rows_a": len(a_shape[0]), "tokens_a": int(np.sum(a_shape[0]))}
