@@ -55,8 +55,9 @@ def _engine_options(f):
                      show_default=True),
         click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
                      help="fp8: K/V stored in e4m3 (half the bytes of bf16; CUDA needs compute capability >= 8.9)."),
-        click.option("--quantization", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
-                     help="fp8: decoder weights in e4m3, fp8 matmuls (CUDA needs compute capability >= 8.9)."),
+        click.option("--quantization", type=click.Choice(["none", "fp8", "awq"]), default="none", show_default=True,
+                     help="fp8: decoder weights in e4m3, fp8 matmuls (CUDA needs compute capability >= 8.9). awq: 4-bit "
+                          "weights (random for a preset; an AWQ checkpoint runs as AWQ anyway)."),
         click.option("--max-num-seqs", type=int, default=None),
         click.option("--max-num-batched-tokens", type=int, default=None),
         click.option("--num-kv-blocks", type=int, default=None),
@@ -155,7 +156,7 @@ def throughput(model, num_prompts, input_len, input_len_range, output_len, outpu
                         "enforce_eager": llm.config.enforce_eager, "max_model_len": llm.max_model_len,
                         "piecewise_graphs": llm.runner.piecewise is not None,
                         "kv_cache_dtype": str(llm.runner.kv_dtype).replace("torch.", ""),
-                        "quantization": llm.config.quantization},
+                        "quantization": llm.runner.quantization},
     }
     graphs = llm.runner.graphs
     if graphs is not None and graphs.cost_ms is not None:  # each decode graph's time, and what each size pads to

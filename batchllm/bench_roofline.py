@@ -99,7 +99,7 @@ class ModelShape:
     head_dim: int
     elt: int  # bytes per element of the model's dtype (the lm_head's weight)
     kv_elt: int  # bytes per K/V element (1 with an fp8 KV cache)
-    dense_elt: int = 0  # bytes per dense (decoder matmul) weight element: 1 with fp8 weights; 0: elt
+    dense_elt: float = 0  # bytes per dense (decoder matmul) weight element: 1 with fp8, ~0.52 with AWQ; 0: elt
 
     @classmethod
     def from_config(cls, cfg, dense_params: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
@@ -119,10 +119,19 @@ class ModelShape:
                     if "embed_tokens" not in name and "lm_head" not in name)
         # weights reordered for the CPU's matmul (layers/linear.py) are no longer parameters
         dense += sum(m.packed.numel() for m in model.modules() if isinstance(m, MergedLinear) and m.packed is not None)
-        quantized = [m for m in model.modules() if isinstance(m, MergedLinear) and m.qweight is not None]
-        dense += sum(m.qweight.numel() for m in quantized)  # fp8 weights are no longer parameters either
+        linears = [m for m in model.modules() if isinstance(m, MergedLinear)]
+        fp8 = [m for m in linears if m.fp8_weight is not None]
+        dense += sum(m.fp8_weight.numel() for m in fp8)  # fp8 weights are no longer parameters either
+        awq = [m for m in linears if m.qweight is not None]
+        if awq:  # 4-bit weights: count the matrices they stand for, at their own bytes per element
+            dense += sum(m.in_features * m.out_features - m.qweight.numel() - m.qzeros.numel() - m.scales.numel()
+                         for m in awq)
+            group = awq[0].in_features // awq[0].scales.shape[0]
+            shape = cls.from_config(llm.hf_config, dense, llm.runner.dtype, llm.runner.kv_dtype)
+            shape.dense_elt = 0.5 + (0.5 + llm.runner.dtype.itemsize) / group  # a nibble, and a zero and scale a group
+            return shape
         return cls.from_config(llm.hf_config, dense, llm.runner.dtype, llm.runner.kv_dtype,
-                               torch.float8_e4m3fn if quantized else None)
+                               torch.float8_e4m3fn if fp8 else None)
 
     @property
     def weight_bytes(self) -> int:

@@ -13,8 +13,9 @@ import click
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--quantization", default="none", show_default=True, type=click.Choice(["none", "fp8"]),
-              help="fp8: decoder weights quantized at load, fp8 matmuls (Ada/Hopper GPUs)")
+@click.option("--quantization", default="none", show_default=True, type=click.Choice(["none", "fp8", "awq"]),
+              help="fp8: decoder weights quantized at load, fp8 matmuls (Ada/Hopper GPUs); awq: an AWQ checkpoint "
+                   "(detected without it)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp8"]),
               help="fp8: K/V stored in e4m3, half of bf16's bytes")
 @click.option("--max-tokens", default=64, show_default=True, type=int)

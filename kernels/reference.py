@@ -166,3 +166,29 @@ def dense_causal_attention(q, k, v, scale=None):
     L = q.shape[0]
     s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double()).to(q.dtype)
+
+
+# AWQ (4-bit weights; batchllm/quant/awq.py). An int32 packs 8 consecutive output columns. AutoAWQ's packer puts
+# column order[i] of each 8 in bits 4i..4i+3, order = [0, 2, 4, 6, 1, 3, 5, 7]; so column j of the 8 sits at
+# bit 4 * [0, 4, 1, 5, 2, 6, 3, 7][j].
+AWQ_SHIFTS = (0, 16, 4, 20, 8, 24, 12, 28)
+
+
+def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] int32 (AWQ's packing) -> [rows, 8 * cols] int32, each 0..15."""
+    shifts = torch.tensor(AWQ_SHIFTS, dtype=torch.int32, device=packed.device)
+    return ((packed[:, :, None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """AWQ's (qweight [K, N/8] int32, qzeros [K/G, N/8] int32, scales [K/G, N]) -> W [K, N] fp32, the matrix
+    x @ W multiplies: W[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n], G = K / scales.shape[0]."""
+    group = qweight.shape[0] // scales.shape[0]
+    q = awq_unpack(qweight)
+    z = awq_unpack(qzeros).repeat_interleave(group, dim=0)
+    return (q - z).float() * scales.float().repeat_interleave(group, dim=0)
+
+
+def awq_linear(x: torch.Tensor, qweight, qzeros, scales) -> torch.Tensor:
+    """x [M, K] @ the dequantized AWQ weight, accumulated in fp32 -> [M, N] fp32."""
+    return x.float() @ awq_dequantize(qweight, qzeros, scales)

@@ -87,3 +87,54 @@ def make_model_dir(path, arch="llama", seed=0, **overrides):
     with open(os.path.join(path, "batchllm_test.json"), "w") as f:
         json.dump({"arch": arch, "seed": seed}, f)
     return str(path)
+
+
+def awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] of 0..15 -> [rows, cols / 8] int32, packed as AutoAWQ's WQLinear_GEMM.from_linear packs: value
+    i of each word (bits 4i..4i+3) is column order[i] of its 8. Written apart from kernels/reference.py's unpacking
+    (a table of shifts), so that the two check each other."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    packed = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for i, col in enumerate(order):
+        packed |= values[:, col::8].long() << (4 * i)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def make_awq_pair(dense_dir, awq_dir, ref_dir, group_size=32):
+    """From a tiny model at dense_dir, write an AWQ checkpoint of it (4-bit, zero points, fp16 scales, AutoAWQ's
+    GEMM packing; min-max rounding per group, no calibration) to awq_dir, and to ref_dir the same model with each
+    matmul weight replaced by exactly what the AWQ one dequantizes to, for transformers to run as the reference.
+    Returns (awq_dir, ref_dir)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(dense_dir, "model.safetensors"))
+    awq, ref = {}, {}
+    for name, w in tensors.items():
+        if not any(f".{p}.weight" in name for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")):
+            awq[name] = ref[name] = w
+            continue
+        wt = w.t().float()  # [in, out], the matrix x @ W multiplies
+        g = wt.reshape(-1, group_size, wt.shape[1])
+        lo, hi = g.amin(1), g.amax(1)
+        scale = ((hi - lo) / 15).clamp(min=1e-6).half()
+        zero = torch.round(-lo / scale.float()).clamp(0, 15)
+        q = (torch.round(g / scale.float()[:, None]) + zero[:, None]).clamp(0, 15)
+        base = name[: -len(".weight")]
+        awq[base + ".qweight"] = awq_pack(q.reshape(wt.shape).int())
+        awq[base + ".qzeros"] = awq_pack(zero.int())
+        awq[base + ".scales"] = scale
+        ref[name] = ((q - zero[:, None]) * scale.float()[:, None]).reshape(wt.shape).t().contiguous()
+    for out, weights in ((awq_dir, awq), (ref_dir, ref)):
+        shutil.copytree(dense_dir, out, dirs_exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, "model.safetensors"),
+                  metadata={"format": "pt"})
+    with open(os.path.join(awq_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": None}
+    with open(os.path.join(awq_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return str(awq_dir), str(ref_dir)

@@ -30,7 +30,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 4.0
-    quantization: str | None = None  # None | fp8: weights stored in fp8 (e4m3), per-channel scales (batchllm/quant)
+    quantization: str | None = None  # None | fp8 (quantized at load) | awq (an AWQ checkpoint's 4-bit weights); quant/
     kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8: K/V stored in e4m3, half the bytes of bf16
     enforce_eager: bool = False  # no CUDA graphs
     piecewise_graphs: bool = True  # CUDA: prefill and mixed steps of <= 4,096 tokens as graphs cut at attention
@@ -57,10 +57,8 @@ class EngineConfig:
             bad("max_model_len", "must be >= 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             bad("gpu_memory_utilization", "must be in (0, 1]")
-        if self.quantization == "awq":
-            bad("quantization", "AWQ checkpoints are not supported yet; use none or fp8")
-        if self.quantization not in (None, "none", "fp8"):
-            bad("quantization", "must be none or fp8")
+        if self.quantization not in (None, "none", "fp8", "awq"):
+            bad("quantization", "must be none, fp8 or awq")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             bad("kv_cache_dtype", "must be auto or fp8")
 

@@ -41,7 +41,7 @@ class LLM:
             log.warning("max_model_len %d is more than the KV pool holds; capped at %d", max_len, pool_tokens)
             max_len = pool_tokens
         self.max_model_len = max_len
-        cache_key = f"{key}|{config.quantization or 'none'}|{self.runner.dtype}|kv {self.runner.kv_dtype}"
+        cache_key = f"{key}|{self.runner.quantization or 'none'}|{self.runner.dtype}|kv {self.runner.kv_dtype}"
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching, cache_key)
         self.max_num_seqs = self.runner.max_num_seqs
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, config.token_budget(), max_len,

@@ -16,6 +16,7 @@ from batchllm.engine.host_memory import to_device, to_host
 from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata, make_backend
+from batchllm.layers.linear import MergedLinear
 from batchllm.models.registry import model_class
 
 log = logging.getLogger("batchllm.engine")
@@ -42,11 +43,14 @@ class ModelRunner:
         self.kv_dtype = config.resolved_kv_cache_dtype()
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        from batchllm.quant import resolve
+
+        self.quantization = resolve(config.quantization, hf_config, random_weights=weights is None)
         if self.kv_dtype == torch.float8_e4m3fn:
             from batchllm.quant.fp8 import require_fp8_gpu
 
             require_fp8_gpu(self.device, "kv_cache_dtype fp8")
-        if config.quantization == "fp8":
+        if self.quantization == "fp8":
             from batchllm.quant import fp8
 
             fp8.check_device(self.device, self.dtype)
@@ -62,10 +66,14 @@ class ModelRunner:
         else:
             self.model.load_weights(weights)
         self.model.eval()
-        if config.quantization == "fp8":
+        if self.quantization == "fp8":
             from batchllm.quant import fp8
 
             fp8.quantize_model(self.model)
+        if self.quantization == "awq" and self.device.type != "cuda":
+            for m in self.model.modules():  # dense matmuls off CUDA (quant/awq.py)
+                if isinstance(m, MergedLinear):
+                    m.dequantize_awq()
         if self.device.type == "cpu":
             from batchllm.engine.host_memory import keep_freed_memory
             from batchllm.layers import fused
@@ -118,8 +126,12 @@ class ModelRunner:
         for name, p in self.model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
+            elif p.is_floating_point() and not name.endswith(".scales"):
                 p.normal_(0.0, 0.02, generator=g)
+        if self.quantization == "awq":
+            from batchllm.quant import awq
+
+            awq.random_init(self.model, g)
 
     def _piecewise_tokens(self) -> int:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.config.piecewise_graphs:
@@ -127,7 +139,7 @@ class ModelRunner:
         from batchllm.engine.piecewise_graphs import matmul_params_per_layer, max_piece_tokens
 
         return max_piece_tokens(matmul_params_per_layer(self.hf_config), self.config.token_budget(),
-                                fp8=self.config.quantization == "fp8")
+                                fp8=self.quantization == "fp8")
 
     def _blocks_from_memory(self, rows: int) -> int:
         """KV blocks that fit beside the weights and the peak of a step sampling `rows` rows."""

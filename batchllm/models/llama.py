@@ -12,6 +12,7 @@ from batchllm.layers.attention import AttentionMetadata, PagedAttention
 from batchllm.layers.linear import MergedLinear, can_pack, pack_weight, packed_linear
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.rotary import RotaryEmbedding
+from batchllm.quant.awq import layer_group_size
 
 
 class Attention(nn.Module):
@@ -24,9 +25,11 @@ class Attention(nn.Module):
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        awq = layer_group_size(config)
         self.qkv_proj = MergedLinear(h, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
-                                     bias=qkv_bias)
-        self.o_proj = MergedLinear(self.q_size, {"o_proj": h}, bias=bool(getattr(config, "attention_bias", False)))
+                                     bias=qkv_bias, awq_group_size=awq)
+        self.o_proj = MergedLinear(self.q_size, {"o_proj": h}, bias=bool(getattr(config, "attention_bias", False)),
+                                   awq_group_size=awq)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -56,8 +59,10 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         i, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": i, "up_proj": i}, bias=bias)
-        self.down_proj = MergedLinear(i, {"down_proj": config.hidden_size}, bias=bias)
+        awq = layer_group_size(config)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": i, "up_proj": i}, bias=bias,
+                                         awq_group_size=awq)
+        self.down_proj = MergedLinear(i, {"down_proj": config.hidden_size}, bias=bias, awq_group_size=awq)
 
     def forward(self, x):
         return self.down_proj(fused.silu_and_mul(self.gate_up_proj(x)))

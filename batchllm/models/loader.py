@@ -92,10 +92,12 @@ def load_config(path):
     except ValueError as e:  # unknown model_type / unsupported GGUF architecture
         raise ModelError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from None
     quant = getattr(config, "quantization_config", None)
-    if quant:  # FP8 / AWQ / GPTQ checkpoints store packed weights and scales the loader does not read
+    if quant:  # AWQ is read (quant/awq.py); FP8 / GPTQ / ... checkpoints store weights the loader does not read
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        raise ModelError(f"{p} is a pre-quantized checkpoint (quant_method {method}), which batchllm cannot load "
-                         "yet; use the full-precision checkpoint, with quantization: fp8 to quantize it at load")
+        if method != "awq":
+            raise ModelError(f"{p} is a pre-quantized checkpoint (quant_method {method}), which batchllm cannot "
+                             "load; use an AWQ or the full-precision checkpoint (quantization: fp8 quantizes that one "
+                             "at load)")
     return config
 
 

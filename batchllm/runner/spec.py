@@ -41,15 +41,8 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     source: str = Field(min_length=1)
-    quantization: Literal["none", "fp8"] = "none"
+    quantization: Literal["none", "fp8", "awq"] = "none"
     max_model_len: Optional[int] = Field(default=None, ge=16)
-
-    @field_validator("quantization", mode="before")
-    @classmethod
-    def _not_yet(cls, v):
-        if v == "awq":
-            raise ValueError("AWQ checkpoints are not supported yet; use none or fp8")
-        return v
 
 
 class InputSpec(_Section):

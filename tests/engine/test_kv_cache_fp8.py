@@ -53,5 +53,5 @@ def test_fp8_cache_generates_through_chunks_and_prefix_hits(tiny_model_factory):
 def test_bad_kv_cache_dtype():
     with pytest.raises(ValueError, match="kv_cache_dtype='int8': must be auto or fp8"):
         EngineConfig(model="x", kv_cache_dtype="int8")
-    with pytest.raises(ValueError, match="AWQ checkpoints are not supported yet"):
-        EngineConfig(model="x", quantization="awq")
+    with pytest.raises(ValueError, match="quantization='int4': must be none, fp8 or awq"):
+        EngineConfig(model="x", quantization="int4")

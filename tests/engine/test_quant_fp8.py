@@ -32,7 +32,7 @@ def test_merged_linear_quantizes_in_place():
     x = torch.randn(7, 64)
     before = m(x)
     m.quantize_fp8()
-    assert m.weight is None and m.qweight.dtype == torch.float8_e4m3fn and m.scale.shape == (48,)
+    assert m.weight is None and m.fp8_weight.dtype == torch.float8_e4m3fn and m.fp8_scale.shape == (48,)
     after = m(x)
     assert ((after - before).norm() / before.norm()) < 0.05
 
@@ -43,7 +43,7 @@ def test_engine_fp8_weights_close_to_unquantized(tiny_model_factory, arch):
     kw = dict(device="cpu", dtype="float32", block_size=16, num_kv_blocks=64)
     full, q = LLM(path, **kw), LLM(path, quantization="fp8", **kw)
     layers = [m for m in q.runner.model.modules() if isinstance(m, MergedLinear)]
-    assert layers and all(m.qweight is not None and m.weight is None for m in layers)
+    assert layers and all(m.fp8_weight is not None and m.weight is None for m in layers)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, full.hf_config.vocab_size, (n,), generator=g).tolist() for n in (5, 33, 90, 150, 12, 64)]
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)

@@ -365,3 +365,17 @@ if [ "$phase" = s8e ]; then  # session 8: piecewise graphs on / off for llama3-8
     $L $f --no-piecewise-graphs 2>&1 | grep -E "$G|$P"
   done
 fi
+if [ "$phase" = s9a ]; then  # session 9: GPU tests (AWQ among them); AWQ matmuls against dense bf16
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/awq_bench.py 2>&1 | tail -n 70
+fi
+if [ "$phase" = s9b ]; then  # session 9: AWQ GPU tests and matmuls; llama3-8b with 4-bit AWQ weights
+  python3 -m pytest -m gpu tests -q -k awq -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/awq_bench.py 2>&1 | grep -E "^M|peaks"
+  $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
+fi
+if [ "$phase" = s9c ]; then  # session 9: every GPU test; llama3-8b with AWQ weights, then bf16, on one card
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
+  $L --json "$OUT/llama3-8b-bf16.json" 2>&1 | grep -E "$G|$P"
+fi

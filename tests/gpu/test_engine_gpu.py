@@ -2,7 +2,8 @@
 
 fp32: token-exact greedy, through chunked prefill (piecewise graphs), preemption and graph-replayed decode.
 Mixed steps of every shape: no attention kernel compiled after warm-up. Graphs above 512 rows equal eager.
-bf16: the first token's top-20 logprobs close to HF's; with an fp8 KV cache or fp8 weights, too. Neither the sampler nor any engine step waits for the device.
+bf16: the first token's top-20 logprobs close to HF's; with an fp8 KV cache or fp8 weights, too. AWQ checkpoints
+(4-bit, kernels/awq.py): token-exact in fp32 against HF on the weights they dequantize to, close in bf16. Neither the sampler nor any engine step waits for the device.
 Run on a GPU machine:  PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu -q
 """
 import pytest
@@ -73,7 +74,7 @@ def test_fp8_close_to_hf(tiny_model_factory, fp8):
     if fp8 == "kv_cache":
         assert llm.runner.model.attention_layers()[0].key_cache.dtype == torch.float8_e4m3fn
     else:
-        assert llm.runner.model.model.layers[0].mlp.down_proj.qweight.dtype == torch.float8_e4m3fn
+        assert llm.runner.model.model.layers[0].mlp.down_proj.fp8_weight.dtype == torch.float8_e4m3fn
     prompts = _prompts(llm.hf_config.vocab_size, n=8, seed=2)
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, logprobs=20, ignore_eos=True))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -87,6 +88,35 @@ def test_fp8_close_to_hf(tiny_model_factory, fp8):
             assert len(o.token_ids) == 8
     print(f"fp8 {fp8}: worst logprob gap {worst:.3f}, first tokens kept {same}/8")
     assert worst < 0.5 and same >= 6, (worst, same)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_awq_matches_hf_on_dequantized_weights(tiny_model_factory, tmp_path, dtype):
+    """An AWQ checkpoint through kernels/awq.py, prefill chunks (piecewise graphs) and graph-replayed decode,
+    against HF on the dense weights it dequantizes to: the same greedy tokens in fp32; in bf16, first-token
+    logprobs close."""
+    from transformers import AutoModelForCausalLM
+
+    from batchllm import LLM, SamplingParams
+    from tiny_models import make_awq_pair
+
+    awq_dir, ref_dir = make_awq_pair(tiny_model_factory("llama"), tmp_path / "awq", tmp_path / "ref")
+    llm = LLM(awq_dir, device="cuda", dtype=dtype, num_kv_blocks=256, max_num_batched_tokens=128)
+    assert llm.runner.quantization == "awq" and llm.runner.model.model.layers[0].mlp.down_proj.qweight is not None
+    prompts = _prompts(llm.hf_config.vocab_size, n=8, seed=3)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=20, ignore_eos=True))
+    assert llm.runner.piecewise.num_replays > 0
+    hf = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=getattr(torch, dtype)).cuda().eval()
+    worst = 0.0
+    with torch.no_grad():
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            if dtype == "float32":
+                ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                assert o.token_ids == ref, f"prompt {i} ({len(p)} tokens)"
+            logits = hf(torch.tensor([p], device="cuda")).logits[0, -1].float().log_softmax(-1)
+            worst = max([worst] + [abs(lp - logits[tok].item()) for tok, lp in o.logprobs[0].items()])
+    assert worst < (1e-3 if dtype == "float32" else 0.15), worst
 
 
 def _compiled_variants(*kernels) -> int:

@@ -208,11 +208,30 @@ def test_fp8_settings_reach_the_engine(tiny_model_dir, tmp_path):
     doc = job_doc(tiny_model_dir, data, out, model={"quantization": "fp8"}, engine={"kv_cache_dtype": "fp8"})
     llm = make_engine(spec_from_dict(doc))
     assert llm.runner.kv_dtype == torch.float8_e4m3fn
-    assert all(m.qweight is not None for m in llm.runner.model.modules() if isinstance(m, MergedLinear))
+    assert all(m.fp8_weight is not None for m in llm.runner.model.modules() if isinstance(m, MergedLinear))
     del llm
     r = cli("submit", write_job(tmp_path / "job.yaml", doc), "--no-progress")
     assert r.exit_code == 0, r.output + r.stderr
     assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(6))
+
+
+def test_awq_checkpoint_runs_as_a_job(tiny_model_dir, tmp_path):
+    """model.quantization awq with an AWQ checkpoint: the worker's engine reads it 4-bit and the job completes; the
+    same setting with a full-precision checkpoint stops the job with one line (exit 2)."""
+    from tiny_models import make_awq_pair
+
+    awq_dir, _ = make_awq_pair(tiny_model_dir, tmp_path / "awq", tmp_path / "ref")
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(5)))
+    out = tmp_path / "out"
+    r = cli("submit", write_job(tmp_path / "job.yaml", job_doc(awq_dir, data, out, model={"quantization": "awq"})),
+            "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(5))
+    bad = job_doc(tiny_model_dir, data, tmp_path / "out2", model={"quantization": "awq"})
+    r = cli("submit", write_job(tmp_path / "bad.yaml", bad), "--no-progress")
+    assert r.exit_code == 2 and "quantization awq needs an AWQ checkpoint" in r.output + r.stderr, r.output + r.stderr
+    assert "Traceback" not in r.output + r.stderr
 
 
 def test_graph_settings_reach_the_engine(tiny_model_dir, tmp_path):

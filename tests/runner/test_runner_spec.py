@@ -51,8 +51,7 @@ def test_defaults_and_relative_paths(tmp_path, monkeypatch):
 @pytest.mark.parametrize("changes, expect", [
     ({"engine__foo": 1}, "engine.foo: unknown key; valid keys here: max_num_seqs"),
     ({"bogus": 1}, "bogus: unknown key; valid keys here: name, model, input"),
-    ({"model__quantization": "int4"}, "model.quantization: input should be 'none' or 'fp8' (got 'int4')"),
-    ({"model__quantization": "awq"}, "model.quantization: AWQ checkpoints are not supported yet; use none or fp8"),
+    ({"model__quantization": "int4"}, "model.quantization: input should be 'none', 'fp8' or 'awq' (got 'int4')"),
     ({"engine__kv_cache_dtype": "int8"}, "engine.kv_cache_dtype: input should be 'auto' or 'fp8' (got 'int8')"),
     ({"input__format": "csv"}, "input.format: input should be 'auto', 'parquet', 'jsonl' or 'openai-batch'"),
     ({"sampling__temperature": -1}, "sampling.temperature: input should be greater than or equal to 0 (got -1)"),
