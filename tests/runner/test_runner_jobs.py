@@ -1,6 +1,9 @@
 """Jobs through the real engine on the tiny model, on local files: bad rows, error policy, output formats,
 several local workers."""
 import json
+import subprocess
+
+_POPEN = subprocess.Popen  # the real one, for the stand-ins below
 
 from runner_helpers import (by_id, cli, jsonl_bytes, job_doc, openai_rows, parquet_bytes, read_jsonl_dir,
                             read_table, review_rows, write_job)
@@ -108,6 +111,110 @@ def test_two_local_workers(tiny_model_dir, tmp_path):
     assert sorted(x["id"] for x in results) == list(range(16))
     manifest = json.loads((out / "_batchllm" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["num_ok"] == 16
+
+
+def test_lanes_share_gpus_one_worker_at_a_time():
+    from batchllm.runner.backends.local import lanes
+
+    assert lanes(5, ["0", "1"]) == [[0, 2, 4], [1, 3]]
+    assert lanes(2, ["0", "1", "2"]) == [[0], [1]]
+    assert lanes(3, []) == [[0], [1], [2]]  # CPU workers all run at once
+
+
+class _Recorded:
+    """Stands in for subprocess.Popen in the local backend: records when each worker starts and ends."""
+
+    events: list = []
+    on_start = None
+
+    def __init__(self, cmd, **kw):
+        import time
+
+        self.index = int(cmd[cmd.index("--index") + 1])
+        self.proc = _POPEN(cmd, **kw)
+        self.stdout = self.proc.stdout
+        _Recorded.events.append(("start", self.index, time.monotonic()))
+        if _Recorded.on_start:
+            _Recorded.on_start(self)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self):
+        import time
+
+        code = self.proc.wait()
+        _Recorded.events.append(("end", self.index, time.monotonic()))
+        return code
+
+
+def _two_workers_one_gpu(tiny_model_dir, tmp_path, monkeypatch, rows):
+    from batchllm.runner.backends import local
+
+    monkeypatch.setattr(local, "_gpu_ids", lambda spec: ["0"])  # one card (the workers still run on the CPU)
+    monkeypatch.setattr(local.subprocess, "Popen", _Recorded)
+    _Recorded.events, _Recorded.on_start = [], None
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(rows)))
+    out = tmp_path / "out"
+    return write_job(tmp_path / "job.yaml", job_doc(tiny_model_dir, data, out, compute={"rows_per_shard": 4,
+                                                                                       "workers": 2})), out
+
+
+def test_workers_sharing_a_gpu_run_one_after_another(tiny_model_dir, tmp_path, monkeypatch):
+    job, out = _two_workers_one_gpu(tiny_model_dir, tmp_path, monkeypatch, rows=12)
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [(e[0], e[1]) for e in _Recorded.events] == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(12))
+
+
+def test_a_stop_leaves_the_workers_not_yet_started(tiny_model_dir, tmp_path, monkeypatch):
+    """SIGTERM while a GPU's first worker runs: it commits and exits 75, its lane starts nobody else, the job
+    exits 75, and the next submit finishes every row."""
+    import os
+    import signal
+    import threading
+
+    job, out = _two_workers_one_gpu(tiny_model_dir, tmp_path, monkeypatch, rows=40)
+    _Recorded.on_start = lambda w: threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 75, r.output + r.stderr
+    assert [e[:2] for e in _Recorded.events] == [("start", 0), ("end", 0)]
+    _Recorded.on_start = None
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(40))
+
+
+def test_detached_workers_sharing_a_gpu_are_chained(tiny_model_dir, tmp_path, monkeypatch):
+    import time
+
+    from batchllm.runner.backends import local
+
+    job, out = _two_workers_one_gpu(tiny_model_dir, tmp_path, monkeypatch, rows=12)
+    started = []
+
+    class Spy(_POPEN):
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+            super().__init__(cmd, **kw)
+
+    monkeypatch.setattr(local.subprocess, "Popen", Spy)
+    r = cli("submit", job, "--no-wait", "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert len(started) == 1 and started[0][:2] == ["/bin/sh", "-c"]  # one lane: both workers, in turn
+    assert "--index 0" in started[0][2] and "; " in started[0][2] and "--index 1" in started[0][2]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        results = (out / "results").is_dir() and read_table(str(out / "results"))
+        if results and len(results) == 12:
+            break
+        time.sleep(1)
+    assert sorted(x["id"] for x in read_table(str(out / "results"))) == list(range(12))
 
 
 def test_spec_errors_found_at_plan_time(tiny_model_dir, tmp_path):

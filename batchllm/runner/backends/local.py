@@ -1,11 +1,14 @@
 """The `local` backend: runs compute.workers workers on this machine and shows a live progress bar.
 
 One worker runs in this process. Several run as `batchllm worker JOB --index I` child processes, one GPU
-each through CUDA_VISIBLE_DEVICES (or CPU threads split between them); they report finished rows on
-stdout lines the bar reads. SIGTERM/SIGINT is passed on to the workers, which commit and exit 75.
+each through CUDA_VISIBLE_DEVICES (or CPU threads split between them); with more workers than GPUs, each
+GPU runs its share one after another (`lanes`). They report finished rows on stdout lines the bar reads.
+SIGTERM/SIGINT is passed on to the running workers, which commit and exit 75; workers not yet started
+are left for the next submit.
 """
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -109,6 +112,15 @@ def _pump(proc, bar, out):
             out.flush()
 
 
+def lanes(workers: int, gpus: list[str]) -> list[list[int]]:
+    """Worker indices grouped by what runs them: with fewer GPUs than workers, GPU g runs workers g, g + len(gpus),
+    ... one after another (each gets the whole card's memory, where two at once would split its KV pool); else
+    every worker runs at once (one GPU each, or CPU threads)."""
+    if gpus and workers > len(gpus):
+        return [list(range(g, workers, len(gpus))) for g in range(len(gpus))]
+    return [[i] for i in range(workers)]
+
+
 def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_progress=True) -> int:
     """Run the job's workers; with wait, return the job's exit code (0, 1 or 75)."""
     workers = spec.compute.workers
@@ -122,43 +134,56 @@ def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_p
             bar.close()
 
     gpus = _gpu_ids(spec)
-    if gpus and len(gpus) < workers:
-        log.warning("%d workers share %d GPU(s)", workers, len(gpus))
+    groups = lanes(workers, gpus)
+    if len(groups) < workers:
+        log.info("%d workers on %d GPU(s): each GPU runs its workers one after another", workers, len(gpus))
     base = [sys.executable, "-m", "batchllm.cli", "worker", job_path] + [a for o in overrides for a in ("--set", o)]
+    command = lambda i: base + ["--index", str(i)]  # noqa: E731
     if not wait:
-        logs = tempfile.mkdtemp(prefix=f"batchllm-{spec.name}-")
-        for i in range(workers):
-            with open(os.path.join(logs, f"worker-{i}.log"), "w") as f:
-                p = subprocess.Popen(base + ["--index", str(i)], env=_child_env(spec, i, gpus), stdout=f,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-            log.info("worker %d: pid %d, log %s/worker-%d.log", i, p.pid, logs, i)
-        return EXIT_OK
+        return _detach(spec, groups, gpus, command)
 
     bar = Bar(total, initial, spec.name, show_progress)
-    procs = [subprocess.Popen(base + ["--index", str(i)], env=_child_env(spec, i, gpus), stdout=subprocess.PIPE,
-                              text=True, bufsize=1) for i in range(workers)]
-    pumps = [threading.Thread(target=_pump, args=(p, bar, sys.stdout), daemon=True) for p in procs]
-    for t in pumps:
-        t.start()
+    codes: dict[int, int] = {}
+    running: dict[int, subprocess.Popen] = {}
+    lock = threading.Lock()
     stopping = {"sig": None}
 
-    def forward(signum, frame):
-        stopping["sig"] = signum
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+    def lane(indices):
+        for i in indices:
+            with lock:
+                if stopping["sig"] is not None:  # stopped before this one started: it resumes on the next submit
+                    codes[i] = EXIT_RETRY
+                    continue
+                p = subprocess.Popen(command(i), env=_child_env(spec, i, gpus), stdout=subprocess.PIPE, text=True,
+                                     bufsize=1)
+                running[i] = p
+            _pump(p, bar, sys.stdout)
+            codes[i] = p.wait()
+            with lock:
+                del running[i]
 
+    def forward(signum, frame):
+        with lock:
+            stopping["sig"] = signum
+            for p in running.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+
+    threads = [threading.Thread(target=lane, args=(g,), daemon=True) for g in groups]
     saved = {}
     if threading.current_thread() is threading.main_thread():
         saved = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [p.wait() for p in procs]
-        for t in pumps:
-            t.join(timeout=5)
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short waits: signals reach the handler between them
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
         bar.close()
+    codes = [codes.get(i, EXIT_FAILED) for i in range(workers)]
     for i, c in enumerate(codes):
         if c not in (EXIT_OK, EXIT_FAILED, EXIT_RETRY):
             log.error("worker %d exited with %s; run `batchllm submit` again to resume", i, c)
@@ -167,3 +192,16 @@ def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_p
     if all(c in (EXIT_OK, EXIT_FAILED) for c in codes):
         return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_FAILED
     return EXIT_FAILED
+
+
+def _detach(spec, groups, gpus, command) -> int:
+    """Start every lane in the background (its workers chained by a shell where a GPU runs several), each worker
+    logging to a file of its own; return at once."""
+    logs = tempfile.mkdtemp(prefix=f"batchllm-{spec.name}-")
+    for group in groups:
+        steps = [f"{shlex.join(command(i))} > {shlex.quote(os.path.join(logs, f'worker-{i}.log'))} 2>&1"
+                 for i in group]
+        p = subprocess.Popen(["/bin/sh", "-c", "; ".join(steps)], env=_child_env(spec, group[0], gpus),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        log.info("worker(s) %s: pid %d, logs %s/worker-N.log", ", ".join(map(str, group)), p.pid, logs)
+    return EXIT_OK
