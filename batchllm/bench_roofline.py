@@ -128,13 +128,15 @@ class ModelShape:
                          for m in awq)
             group = awq[0].in_features // awq[0].scales.shape[0]
             shape = cls.from_config(llm.hf_config, dense, llm.runner.dtype, llm.runner.kv_dtype)
-            shape.dense_elt = 0.5 + (0.5 + llm.runner.dtype.itemsize) / group  # a nibble, and a zero and scale a group
+            # a nibble, and a zero and a scale a group (steps that dequantize also write and reread bf16 weights:
+            # not counted, so the bound is the 4-bit one)
+            shape.dense_elt = 0.5 + (0.5 + awq[0].scales.element_size()) / group
             return shape
         return cls.from_config(llm.hf_config, dense, llm.runner.dtype, llm.runner.kv_dtype,
                                torch.float8_e4m3fn if fp8 else None)
 
     @property
-    def weight_bytes(self) -> int:
+    def weight_bytes(self) -> float:
         return self.dense_params * (self.dense_elt or self.elt) + self.hidden * self.vocab * self.elt  # lm_head once
 
     @property

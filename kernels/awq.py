@@ -66,12 +66,18 @@ def _awq_dequantize_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, stride_qw, stride_qz
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The AWQ weight as a dense W [K, N] (x @ W), in `dtype` (default: the scales' dtype)."""
+                   dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The AWQ weight as a dense W [K, N] (x @ W), in `dtype` (default: the scales' dtype), written into the
+    start of `out` (a flat buffer of that dtype) if given."""
     k, n = qweight.shape[0], scales.shape[1]
     group = k // scales.shape[0]
     block_k = min(group, 32)
-    w = torch.empty((k, n), dtype=dtype or scales.dtype, device=qweight.device)
+    if group % block_k:
+        raise ValueError(f"awq_dequantize: group size {group} is not a power of 2")
+    dtype = dtype or scales.dtype
+    w = out[: k * n].view(k, n) if out is not None else torch.empty((k, n), dtype=dtype, device=qweight.device)
+    if w.dtype != dtype:
+        raise ValueError(f"awq_dequantize: out is {w.dtype}, not {dtype}")
     grid = (k // block_k, triton.cdiv(n, 128))
     _awq_dequantize_kernel[grid](qweight, qzeros, scales, w, n, qweight.stride(0), qzeros.stride(0),
                                  scales.stride(0), w.stride(0), GROUP=group, BLOCK_K=block_k, BLOCK_N=128,
@@ -92,7 +98,8 @@ def _sms(device: torch.device) -> int:
 
 def config(m: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tile sizes and K split for an [m, k] x [k, n] AWQ matmul on a card of `sms` SMs: the tiles that measured
-    fastest on llama3-8b's shapes (tests/gpu/awq_bench.py, H100), K split for about 4 programs an SM."""
+    fastest on llama3-8b's shapes (tests/gpu/awq_bench.py, H100), K split for about 4 programs an SM up to 64 rows
+    and 2 above (at 128 rows 4 took 0.367 ms a layer against 2's 0.288: docs/benchmarks.md T76, T78)."""
     if m <= 16:
         c = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     elif m <= 32:
@@ -102,8 +109,8 @@ def config(m: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     else:
         c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     c["BLOCK_K"] = min(c["BLOCK_K"], group)
-    tiles = -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"])
-    c["SPLIT_K"] = max(1, min(k // c["BLOCK_K"], 16, (4 * sms) // tiles))
+    tiles = max(1, -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]))
+    c["SPLIT_K"] = max(1, min(k // c["BLOCK_K"], 16, ((4 if m <= 64 else 2) * sms) // tiles))
     return c
 
 
@@ -134,11 +141,12 @@ DEQUANTIZE_FROM_M = 192  # from here, dequantize and let cuBLAS multiply: the fu
 # rows, the dequantized weight at 256 (docs/benchmarks.md, T76)
 
 
-def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ the AWQ weight -> [M, N] in x's dtype: the fused kernel for few rows, where the weight's bytes
-    decide; for many, the weight dequantized once (a quarter of its bf16 bytes read, all of them written) and
-    cuBLAS's matmul, which the fused kernel's tensor-core use does not match."""
+    decide; for many, the weight dequantized once (a quarter of its bf16 bytes read, all of them written; into
+    `scratch` if given) and cuBLAS's matmul, which the fused kernel's tensor-core use does not match."""
     if x.shape[0] >= DEQUANTIZE_FROM_M:
-        return x @ awq_dequantize(qweight, qzeros, scales, x.dtype)
+        return x @ awq_dequantize(qweight, qzeros, scales, x.dtype, out=scratch)
     return awq_gemm(x, qweight, qzeros, scales)
 

@@ -73,7 +73,11 @@ class ModelRunner:
         if self.quantization == "awq" and self.device.type != "cuda":
             for m in self.model.modules():  # dense matmuls off CUDA (quant/awq.py)
                 if isinstance(m, MergedLinear):
-                    m.dequantize_awq()
+                    m.dequantize_awq(self.dtype)
+        elif self.quantization == "awq":
+            from batchllm.quant import awq
+
+            awq.add_scratch(self.model, self.dtype, self.device)
         if self.device.type == "cpu":
             from batchllm.engine.host_memory import keep_freed_memory
             from batchllm.layers import fused

@@ -49,9 +49,11 @@ class MergedLinear(nn.Module):
             self.qweight = nn.Parameter(torch.empty(in_features, out // 8, dtype=torch.int32), **frozen)
             self.qzeros = nn.Parameter(torch.empty(in_features // awq_group_size, out // 8, dtype=torch.int32),
                                        **frozen)
-            self.scales = nn.Parameter(torch.empty(in_features // awq_group_size, out), **frozen)
+            # fp16, as AutoAWQ writes them (the kernels multiply in fp32 whatever the model's dtype)
+            self.scales = nn.Parameter(torch.empty(in_features // awq_group_size, out, dtype=torch.float16), **frozen)
         else:
             self.weight = nn.Parameter(torch.empty(out, in_features))
+        self.awq_scratch: torch.Tensor | None = None  # CUDA: where large matmuls dequantize (quant/awq.add_scratch)
 
     def shard_slice(self, shard: str) -> slice:
         start = 0
@@ -93,13 +95,13 @@ class MergedLinear(nn.Module):
             self.fp8_weight, self.fp8_scale = quantize_rows_fp8(self.weight.data)
             self.weight = None
 
-    def dequantize_awq(self) -> None:
-        """AWQ weight -> a dense [out, in] weight in the scales' dtype (the CPU's path); the 4-bit one is freed."""
+    def dequantize_awq(self, dtype: torch.dtype) -> None:
+        """AWQ weight -> a dense [out, in] weight in `dtype` (the CPU's path); the 4-bit one is freed."""
         from batchllm.kernels.reference import awq_dequantize
 
         if self.qweight is not None:
             w = awq_dequantize(self.qweight.data, self.qzeros.data, self.scales.data)
-            self.weight = nn.Parameter(w.t().contiguous().to(self.scales.dtype), requires_grad=False)
+            self.weight = nn.Parameter(w.t().contiguous().to(dtype), requires_grad=False)
             self.qweight = self.qzeros = self.scales = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ class MergedLinear(nn.Module):
         if self.qweight is not None:
             from batchllm.quant.awq import awq_linear
 
-            return awq_linear(x, self.qweight, self.qzeros, self.scales, self.bias)
+            return awq_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.awq_scratch)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from batchllm.models import gguf_meta
 from batchllm.models.store import ModelError
+from batchllm.quant import awq
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -91,9 +92,8 @@ def load_config(path):
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except ValueError as e:  # unknown model_type / unsupported GGUF architecture
         raise ModelError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from None
-    quant = getattr(config, "quantization_config", None)
-    if quant:  # AWQ is read (quant/awq.py); FP8 / GPTQ / ... checkpoints store weights the loader does not read
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+    method = awq.checkpoint_method(config)
+    if method:  # AWQ is read (quant/awq.py); FP8 / GPTQ / ... checkpoints store weights the loader does not read
         if method != "awq":
             raise ModelError(f"{p} is a pre-quantized checkpoint (quant_method {method}), which batchllm cannot "
                              "load; use an AWQ or the full-precision checkpoint (quantization: fp8 quantizes that one "

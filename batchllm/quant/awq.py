@@ -17,18 +17,24 @@ import torch
 
 from batchllm.kernels import reference
 
-# The layout this module reads; anything else in a checkpoint's quantization_config is refused by name.
-SUPPORTED = {"bits": 4, "zero_point": True, "version": "gemm"}
+# A decoder matmul named in modules_to_not_convert would be left dense in the checkpoint: such files are refused.
+_DECODER_MATMULS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn", "mlp",
+                    "layers")
 
 
 def _as_dict(quant) -> dict:
     return quant if isinstance(quant, dict) else quant.to_dict()
 
 
+def _plain(value):
+    """A config value as written in config.json (transformers 4's AwqConfig holds enums)."""
+    return getattr(value, "value", value)
+
+
 def checkpoint_method(hf_config) -> str | None:
     """The checkpoint's quant_method (e.g. "awq"), or None for a full-precision checkpoint."""
     quant = getattr(hf_config, "quantization_config", None)
-    return _as_dict(quant).get("quant_method", "?") if quant else None
+    return str(_plain(_as_dict(quant).get("quant_method", "?"))) if quant else None
 
 
 def random_config(group_size: int = 128) -> dict:
@@ -39,18 +45,18 @@ def random_config(group_size: int = 128) -> dict:
 def group_size(hf_config) -> int:
     """The checkpoint's AWQ group size, after checking that its layout is one batchllm reads (ValueError if not)."""
     q = _as_dict(hf_config.quantization_config)
-    bits = q.get("bits", q.get("w_bit"))
-    group = q.get("group_size", q.get("q_group_size"))
-    version = str(q.get("version", "gemm")).lower()
-    if bits != SUPPORTED["bits"]:
+    bits = next((q[k] for k in ("bits", "w_bit") if q.get(k) is not None), None)  # HF's key, or AutoAWQ's
+    group = next((q[k] for k in ("group_size", "q_group_size") if q.get(k) is not None), None)
+    version = str(_plain(q.get("version", "gemm"))).lower()
+    if bits != 4:
         raise ValueError(f"AWQ checkpoint with bits={bits}: batchllm reads 4-bit AWQ only")
     if q.get("zero_point", True) is not True:
         raise ValueError("AWQ checkpoint with zero_point=false: batchllm reads AWQ with zero points only")
-    if version != SUPPORTED["version"]:
+    if version != "gemm":
         raise ValueError(f"AWQ checkpoint of version {version!r}: batchllm reads version 'gemm' only")
-    if not isinstance(group, int) or group <= 0 or group % 16:
-        raise ValueError(f"AWQ checkpoint with group_size={group}: batchllm needs a positive multiple of 16")
-    skipped = [m for m in (q.get("modules_to_not_convert") or []) if m != "lm_head"]
+    if not isinstance(group, int) or group < 16 or group & (group - 1):
+        raise ValueError(f"AWQ checkpoint with group_size={group}: batchllm needs a power of 2, at least 16")
+    skipped = [m for m in (q.get("modules_to_not_convert") or []) if any(d in m for d in _DECODER_MATMULS)]
     if skipped:
         raise ValueError(f"AWQ checkpoint with modules_to_not_convert={skipped}: batchllm needs every decoder "
                          "matmul quantized")
@@ -62,19 +68,34 @@ def layer_group_size(hf_config) -> int | None:
     return group_size(hf_config) if checkpoint_method(hf_config) == "awq" else None
 
 
-def awq_linear(x: torch.Tensor, qweight, qzeros, scales, bias) -> torch.Tensor:
-    """x [..., K] @ the AWQ weight (+ bias) -> [..., N] in x's dtype: kernels/awq.py on CUDA, the reference
-    elsewhere (the CPU engine dequantizes at load instead, see the module's docstring)."""
+def awq_linear(x: torch.Tensor, qweight, qzeros, scales, bias, scratch=None) -> torch.Tensor:
+    """x [..., K] @ the AWQ weight (+ bias) -> [..., N] in x's dtype: kernels/awq.py on CUDA (scratch: a flat
+    buffer of x's dtype the weight may be dequantized into), the reference elsewhere (the CPU engine dequantizes
+    at load instead, see the module's docstring)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
         from batchllm.kernels.awq import awq_matmul
 
-        out = awq_matmul(x2.contiguous(), qweight, qzeros, scales)
+        out = awq_matmul(x2.contiguous(), qweight, qzeros, scales, scratch)
     else:
         out = reference.awq_linear(x2, qweight, qzeros, scales).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], scales.shape[1])
+
+
+def add_scratch(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Give every AWQ layer of `model` one shared buffer to dequantize its weight into (the largest layer's size):
+    allocated once, before the KV pool is sized and outside every CUDA graph's memory pool. Returns its bytes."""
+    from batchllm.layers.linear import MergedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, MergedLinear) and m.qweight is not None]
+    if not layers:
+        return 0
+    scratch = torch.empty(max(m.in_features * m.out_features for m in layers), dtype=dtype, device=device)
+    for m in layers:
+        m.awq_scratch = scratch
+    return scratch.numel() * scratch.element_size()
 
 
 @torch.no_grad()

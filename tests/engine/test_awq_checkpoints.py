@@ -40,30 +40,28 @@ def test_awq_checkpoint_matches_hf_on_its_dequantized_weights(awq_pairs, arch):
             assert o.token_ids == want[0, len(p):].tolist(), f"{len(p)}-token prompt differs"
 
 
-def test_4bit_layer_equals_its_dequantized_form(awq_pairs):
-    """The layer's own 4-bit matmul (the path CUDA takes, here through the reference) against the dense weight
-    the CPU engine makes of it, and the merged q/k/v shards against transformers' ref weights."""
+def test_merged_shards_equal_the_dequantized_weights(awq_pairs):
+    """q/k/v and gate/up shards packed side by side: the engine's layer (dequantized at load on the CPU), and a
+    4-bit layer's own matmul (the reference path), both against transformers' dense weights from ref_dir."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     awq_dir, ref_dir = awq_pairs("llama")
     llm = LLM(awq_dir, device="cpu", dtype="float32", num_kv_blocks=8)
     ref = load_file(os.path.join(ref_dir, "model.safetensors"))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     qkv = llm.runner.model.model.layers[1].self_attn.qkv_proj
     assert qkv.qweight is None  # dequantized at load on the CPU (and then packed for oneDNN)
     want = torch.cat([ref[f"model.layers.1.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(qkv(x), x @ want.T, rtol=1e-5, atol=1e-6)
-    from safetensors import safe_open
 
     m = MergedLinear(64, {"gate_proj": 128, "up_proj": 128}, awq_group_size=32)
     with safe_open(os.path.join(awq_dir, "model.safetensors"), "pt") as f:
         for shard in ("gate_proj", "up_proj"):
             for param in ("qweight", "qzeros", "scales"):
                 m.load_shard(shard, param, f.get_tensor(f"model.layers.0.mlp.{shard}.{param}"))
-    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(1))
-    four_bit = m(x)
-    m.dequantize_awq()
-    assert torch.allclose(four_bit, m(x), rtol=1e-5, atol=1e-6)
+    want = torch.cat([ref[f"model.layers.0.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")])
+    assert torch.allclose(m(x), x @ want.T, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"up_proj.scales: shape \(2, 64\), expected \(2, 128\)"):
         MergedLinear(64, {"gate_proj": 128, "up_proj": 128}, awq_group_size=32).load_shard(
             "up_proj", "scales", torch.zeros(2, 64))
@@ -87,11 +85,19 @@ def _with_quant(src, dst, **changes):
     ({"zero_point": False}, "AWQ checkpoint with zero_point=false"),
     ({"modules_to_not_convert": ["mlp.down_proj"]}, r"modules_to_not_convert=\['mlp.down_proj'\]"),
     ({"quant_method": "gptq"}, "pre-quantized checkpoint \\(quant_method gptq\\), which batchllm cannot load"),
+    ({"group_size": 48}, "AWQ checkpoint with group_size=48: batchllm needs a power of 2, at least 16"),
 ])
 def test_unsupported_layouts_are_refused(awq_pairs, tmp_path, changes, message):
     path = _with_quant(awq_pairs("llama")[0], tmp_path / "m", **changes)
     with pytest.raises((ValueError, ModelError), match=message):
         LLM(path, device="cpu", num_kv_blocks=8)
+
+
+def test_other_spellings_of_the_layout_are_read(awq_pairs, tmp_path):
+    """AutoAWQ's own keys (w_bit, q_group_size), an unquantized lm_head named, a version in capitals."""
+    path = _with_quant(awq_pairs("llama")[0], tmp_path / "m", bits=None, w_bit=4, group_size=None, q_group_size=32,
+                       modules_to_not_convert=["lm_head"], version="GEMM")
+    assert LLM(path, device="cpu", num_kv_blocks=8).runner.quantization == "awq"
 
 
 def test_mismatched_settings_are_refused(awq_pairs, tiny_model_dir):

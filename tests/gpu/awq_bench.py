@@ -80,7 +80,7 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=DT)
             t_default = timed(lambda: awq.awq_gemm(x, qw, qz, s), reps=10)
             best, best_cfg = t_default, "default"
-            for cfg in alternatives(m, n, k) if m <= 128 else []:  # from 128 rows awq_matmul dequantizes
+            for cfg in alternatives(m, n, k) if m <= 128 else []:  # the fused kernel's range (and a bit more)
                 try:
                     t = timed(lambda: awq.awq_gemm(x, qw, qz, s, cfg=cfg), reps=10)
                 except Exception as e:  # noqa: BLE001 (a tile that needs more shared memory than the card has)

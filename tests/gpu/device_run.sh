@@ -379,3 +379,8 @@ if [ "$phase" = s9c ]; then  # session 9: every GPU test; llama3-8b with AWQ wei
   $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
   $L --json "$OUT/llama3-8b-bf16.json" 2>&1 | grep -E "$G|$P"
 fi
+if [ "$phase" = s9d ]; then  # session 9, after review: every GPU test; AWQ matmuls with the new default tiles; llama3-8b AWQ
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  python3 tests/gpu/awq_bench.py 2>&1 | grep -E "^M|peaks"
+  $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
+fi

@@ -90,18 +90,21 @@ def test_fp8_close_to_hf(tiny_model_factory, fp8):
     assert worst < 0.5 and same >= 6, (worst, same)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_awq_matches_hf_on_dequantized_weights(tiny_model_factory, tmp_path, dtype):
+@pytest.mark.parametrize("dtype, budget", [("float32", 128), ("float32", 1024), ("bfloat16", 1024)])
+def test_awq_matches_hf_on_dequantized_weights(tiny_model_factory, tmp_path, dtype, budget):
     """An AWQ checkpoint through kernels/awq.py, prefill chunks (piecewise graphs) and graph-replayed decode,
     against HF on the dense weights it dequantizes to: the same greedy tokens in fp32; in bf16, first-token
-    logprobs close."""
+    logprobs close. Budget 128: every matmul through the fused kernel; 1,024 (and a KV pool sized from memory):
+    prefill steps above DEQUANTIZE_FROM_M rows dequantize into the shared scratch buffer."""
     from transformers import AutoModelForCausalLM
 
     from batchllm import LLM, SamplingParams
     from tiny_models import make_awq_pair
 
     awq_dir, ref_dir = make_awq_pair(tiny_model_factory("llama"), tmp_path / "awq", tmp_path / "ref")
-    llm = LLM(awq_dir, device="cuda", dtype=dtype, num_kv_blocks=256, max_num_batched_tokens=128)
+    kv = {"num_kv_blocks": 256} if budget == 128 else {}
+    llm = LLM(awq_dir, device="cuda", dtype=dtype, max_num_batched_tokens=budget, **kv)
+    assert llm.runner.model.model.layers[0].mlp.gate_up_proj.awq_scratch is not None
     assert llm.runner.quantization == "awq" and llm.runner.model.model.layers[0].mlp.down_proj.qweight is not None
     prompts = _prompts(llm.hf_config.vocab_size, n=8, seed=3)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=20, ignore_eos=True))

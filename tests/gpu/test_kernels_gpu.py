@@ -293,20 +293,26 @@ def test_rotary_and_silu_and_mul_at_real_sizes(dtype):
     assert ((elementwise.silu_and_mul(gu).float() - ref).abs() <= eps * ref.abs() + 1e-6).all()
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 100, 600, 2048])
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 191, 192, 600, 2048])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_awq_gemm_at_real_sizes(m, dtype):
-    """kernels/awq.py on llama3-8b's down_proj (K 14,336, N 4,096, groups of 128) and gate_up (N 28,672), fresh
-    random 4-bit weights, against the reference's fp32 product: the decode sizes split K, the large ones do not."""
+def test_awq_matmul_at_real_sizes(m, dtype):
+    """kernels/awq.py's awq_matmul on llama3-8b's down_proj (K 14,336, N 4,096, groups of 128) and gate_up (N 28,672),
+    fresh random 4-bit weights, against the reference's fp32 product: the fused kernel below DEQUANTIZE_FROM_M rows
+    (K split at decode sizes), the dequantized weight (into a scratch buffer, as the engine does) and cuBLAS from
+    there; and the fused kernel forced at the large sizes too."""
     from batchllm.kernels import awq, reference
 
     gen = torch.Generator(device="cuda").manual_seed(m)
+    scratch = torch.empty(4096 * 28672, dtype=dtype, device="cuda")
     for k, n in ((14336, 4096), (4096, 28672)):
         qw = torch.randint(-2**31, 2**31 - 1, (k, n // 8), device="cuda", generator=gen, dtype=torch.int64).int()
         qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), device="cuda", generator=gen,
                            dtype=torch.int64).int()
-        s = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.004 + 0.001).to(dtype)
+        s = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.004 + 0.001).half()
         x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
-        got = awq.awq_gemm(x, qw, qz, s)
         want = reference.awq_linear(x, qw, qz, s)
-        assert got.dtype == dtype and _rel_err(got, want) < 1e-2, (k, n)
+        for got in (awq.awq_matmul(x, qw, qz, s, scratch), awq.awq_gemm(x, qw, qz, s)):
+            assert got.dtype == dtype and _rel_err(got, want) < 1e-2, (k, n)
+        if m == 192:
+            w = awq.awq_dequantize(qw, qz, s, torch.float32)
+            assert torch.equal(w, reference.awq_dequantize(qw, qz, s))
