@@ -99,7 +99,7 @@ def _sms(device: torch.device) -> int:
 def config(m: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tile sizes and K split for an [m, k] x [k, n] AWQ matmul on a card of `sms` SMs: the tiles that measured
     fastest on llama3-8b's shapes (tests/gpu/awq_bench.py, H100), K split for about 4 programs an SM up to 64 rows
-    and 2 above (at 128 rows 4 took 0.367 ms a layer against 2's 0.288: docs/benchmarks.md T76, T78)."""
+    and 2 above (at 128 rows 4 took 0.367 ms a layer against 2's 0.291: docs/benchmarks.md T78, T79)."""
     if m <= 16:
         c = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     elif m <= 32:
