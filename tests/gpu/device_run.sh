@@ -384,3 +384,8 @@ if [ "$phase" = s9d ]; then  # session 9, after review: every GPU test; AWQ matm
   python3 tests/gpu/awq_bench.py 2>&1 | grep -E "^M|peaks"
   $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
 fi
+if [ "$phase" = s9e ]; then  # session 9, on an H200: qwen3-0.6b 2,000 prompts with piecewise graphs on / off; llama3-8b AWQ
+  $Q --num-prompts 2000 --no-roofline --json "$OUT/qwen3-2000-pw.json" 2>&1 | grep -E "$P"
+  $Q --num-prompts 2000 --no-roofline --no-piecewise-graphs --json "$OUT/qwen3-2000-nopw.json" 2>&1 | grep -E "$P"
+  $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
+fi
