@@ -2,8 +2,9 @@
 
 The weight is AWQ's GEMM layout (reference.awq_dequantize): qweight [K, N/8] int32, qzeros [K/G, N/8] int32,
 scales [K/G, N]. A program computes a BLOCK_M x BLOCK_N tile of the output; per BLOCK_K slice of K it loads the
-packed words of its columns (BLOCK_N / 8 a row), shifts the 8 nibbles of each out, subtracts the group's zero, multiplies by the group's scale (fp32, then x's dtype: one rounding, as a dequantized weight would have)
-and runs the tile's dot product with fp32 accumulation. BLOCK_K divides G, so a slice has one group.
+packed words of its columns (BLOCK_N / 8 a row), shifts the 8 nibbles of each out, subtracts the group's zero,
+multiplies by the group's scale (fp32, then x's dtype: one rounding, as a dequantized weight would have) and runs
+the tile's dot product with fp32 accumulation. BLOCK_K divides G, so a slice has one group.
 
 Small M reads the weight once and does little arithmetic on it: too few output tiles to fill the SMs, so K is
 split (SPLIT_K programs per tile, each summing a contiguous run of slices into an fp32 partial; the partials are
@@ -13,6 +14,8 @@ added after). `config(m, n, k, group)` picks the tiles. Large M is better served
 import torch
 import triton
 import triton.language as tl
+
+from batchllm.kernels.attention_config import device_limits
 
 
 @triton.jit
@@ -85,17 +88,6 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     return w
 
 
-_SMS: dict = {}
-
-
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
 def config(m: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tile sizes and K split for an [m, k] x [k, n] AWQ matmul on a card of `sms` SMs: the tiles that measured
     fastest on llama3-8b's shapes (tests/gpu/awq_bench.py, H100), K split for about 4 programs an SM up to 64 rows
@@ -123,12 +115,14 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if x.stride(-1) != 1 or qweight.shape != (k, n // 8) or qzeros.shape != (k // group, n // 8) or k % group:
         raise ValueError(f"awq_gemm: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, qzeros "
                          f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)} do not fit together")
-    c = dict(cfg or config(m, n, k, group, _sms(x.device)))
+    if cfg is None:
+        index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
+        cfg = config(m, n, k, group, device_limits(index)[0])
+    c = dict(cfg)
     split = c.pop("SPLIT_K")
     if group % c["BLOCK_K"]:
         raise ValueError(f"awq_gemm: BLOCK_K {c['BLOCK_K']} must divide the group size {group}")
-    out = torch.empty((split, m, n) if split > 1 else (1, m, n), dtype=torch.float32 if split > 1 else x.dtype,
-                      device=x.device)
+    out = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     if m:
         grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), split)
         _awq_gemm_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, x.stride(0), qweight.stride(0),

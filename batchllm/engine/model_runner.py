@@ -16,7 +16,6 @@ from batchllm.engine.host_memory import to_device, to_host
 from batchllm.engine.sampler import Sampler, logprob_dicts
 from batchllm.engine.scheduler import SchedulerOutput
 from batchllm.layers.attention import AttentionMetadata, make_backend
-from batchllm.layers.linear import MergedLinear
 from batchllm.models.registry import model_class
 
 log = logging.getLogger("batchllm.engine")
@@ -70,14 +69,10 @@ class ModelRunner:
             from batchllm.quant import fp8
 
             fp8.quantize_model(self.model)
-        if self.quantization == "awq" and self.device.type != "cuda":
-            for m in self.model.modules():  # dense matmuls off CUDA (quant/awq.py)
-                if isinstance(m, MergedLinear):
-                    m.dequantize_awq(self.dtype)
-        elif self.quantization == "awq":
+        if self.quantization == "awq":
             from batchllm.quant import awq
 
-            awq.add_scratch(self.model, self.dtype, self.device)
+            awq.prepare_model(self.model, self.dtype, self.device)
         if self.device.type == "cpu":
             from batchllm.engine.host_memory import keep_freed_memory
             from batchllm.layers import fused

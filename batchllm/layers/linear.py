@@ -53,7 +53,7 @@ class MergedLinear(nn.Module):
             self.scales = nn.Parameter(torch.empty(in_features // awq_group_size, out, dtype=torch.float16), **frozen)
         else:
             self.weight = nn.Parameter(torch.empty(out, in_features))
-        self.awq_scratch: torch.Tensor | None = None  # CUDA: where large matmuls dequantize (quant/awq.add_scratch)
+        self.awq_scratch: torch.Tensor | None = None  # CUDA: where large matmuls dequantize (quant/awq.prepare_model)
 
     def shard_slice(self, shard: str) -> slice:
         start = 0

@@ -84,18 +84,20 @@ def awq_linear(x: torch.Tensor, qweight, qzeros, scales, bias, scratch=None) -> 
     return out.view(*x.shape[:-1], scales.shape[1])
 
 
-def add_scratch(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Give every AWQ layer of `model` one shared buffer to dequantize its weight into (the largest layer's size):
-    allocated once, before the KV pool is sized and outside every CUDA graph's memory pool. Returns its bytes."""
+def prepare_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """After loading. Off CUDA: every AWQ layer dequantized to `dtype`, once. On CUDA: one shared buffer, the
+    largest layer's size, for large matmuls to dequantize into: allocated once, before the KV pool is sized and
+    outside every CUDA graph's memory pool."""
     from batchllm.layers.linear import MergedLinear
 
     layers = [m for m in model.modules() if isinstance(m, MergedLinear) and m.qweight is not None]
-    if not layers:
-        return 0
-    scratch = torch.empty(max(m.in_features * m.out_features for m in layers), dtype=dtype, device=device)
-    for m in layers:
-        m.awq_scratch = scratch
-    return scratch.numel() * scratch.element_size()
+    if device.type != "cuda":
+        for m in layers:
+            m.dequantize_awq(dtype)
+    elif layers:
+        scratch = torch.empty(max(m.in_features * m.out_features for m in layers), dtype=dtype, device=device)
+        for m in layers:
+            m.awq_scratch = scratch
 
 
 @torch.no_grad()
