@@ -389,3 +389,8 @@ if [ "$phase" = s9e ]; then  # session 9, on an H200: qwen3-0.6b 2,000 prompts w
   $Q --num-prompts 2000 --no-roofline --no-piecewise-graphs --json "$OUT/qwen3-2000-nopw.json" 2>&1 | grep -E "$P"
   $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
 fi
+if [ "$phase" = s10a ]; then  # session 10: every GPU test at the session's HEAD; llama3-8b bf16 and AWQ in one call
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
+  $L --json "$OUT/llama3-8b.json" 2>&1 | grep -E "$G|$P"
+  $L --quantization awq --json "$OUT/llama3-8b-awq.json" 2>&1 | grep -E "$G|$P"
+fi
