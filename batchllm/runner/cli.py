@@ -122,12 +122,20 @@ def plan(job, overrides):
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the job and show progress (the local backend waits by default).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be started (worker commands, Ray tasks, Kubernetes manifests) and exit.")
 @_verbose
 @_errors
-def submit(job, overrides, wait, no_progress, verbose):
+def submit(job, overrides, wait, no_progress, dry_run, verbose):
     """Run JOB to completion: plan, start workers, wait. Resumes a stopped job; a finished job is left alone."""
+    from batchllm.runner import backends
+
     _logging(verbose)
     spec = load_spec(job, overrides)
+    backend = backends.get(spec.compute.backend)
+    if dry_run:
+        click.echo(backend.describe(spec, job, overrides))
+        return EXIT_OK
     store, p = _store_and_plan(spec)
     s = _summary(store, p, spec)
     if s["shards_complete"] == s["shards"]:
@@ -136,12 +144,11 @@ def submit(job, overrides, wait, no_progress, verbose):
         return EXIT_OK if s["state"] == "complete" else EXIT_FAILED
     if s["rows_done"]:
         click.echo(f"{spec.name}: resuming; {s['rows_done']:,}/{s['total_rows']:,} rows already committed", err=True)
-    from batchllm.runner.backends import local
     from batchllm.runner.manifest import format_summary, start_manifest
 
     start_manifest(store, spec, p)
-    code = local.run(spec, job, overrides, wait=wait, initial=s["rows_done"], total=s["total_rows"],
-                     show_progress=not no_progress)
+    code = backend.run(spec, job, overrides, wait=wait, initial=s["rows_done"], total=s["total_rows"],
+                       show_progress=not no_progress)
     if not wait:
         click.echo(f"{spec.name}: started; follow with `batchllm status {spec.output.uri}`")
         return code

@@ -116,11 +116,33 @@ class EngineSpec(_Section):
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
 
+class RaySpec(_Section):
+    address: Optional[str] = None  # "auto", "host:6379" or "ray://host:10001"; None: RAY_ADDRESS, else a local cluster
+    runtime_env: dict[str, Any] = {}  # passed to Ray as is (pip, env_vars, ...)
+
+
+class KubernetesSpec(_Section):
+    image: Optional[str] = None  # required for this backend: containers/Dockerfile, built and pushed
+    namespace: str = "default"
+    context: Optional[str] = None  # kubectl --context
+    service_account: Optional[str] = None
+    env_from_secret: Optional[str] = None  # a Secret with storage credentials (AWS_ACCESS_KEY_ID, ...)
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: Optional[str] = None  # requests, e.g. "8"
+    memory: Optional[str] = None  # e.g. "64Gi"
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+
+
 class ComputeSpec(_Section):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray", "kubernetes"] = "local"
     workers: int = Field(default=1, ge=1)
     rows_per_shard: int = Field(default=5000, ge=1)
     grace_period_s: float = Field(default=25.0, gt=0)
+    gpus_per_worker: Optional[int] = Field(default=None, ge=0)  # ray, kubernetes; None: 1, or 0 on engine.device cpu
+    max_retries: int = Field(default=3, ge=0)  # ray, kubernetes: restarts of a worker that failed or was preempted
+    ray: RaySpec = RaySpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()
 
 
 class MetricsSpec(_Section):
@@ -158,6 +180,34 @@ class JobSpec(_Section):
             if problem:
                 raise ValueError(problem)
         return self
+
+    @model_validator(mode="after")
+    def _remote_workers(self):
+        backend = self.compute.backend
+        if backend == "local":
+            return self
+        for field in ("input", "output"):
+            uri = getattr(self, field).uri
+            if uri.startswith("memory:"):
+                raise ValueError(f"{field}.uri: memory:// lives in one process; the {backend} backend needs real storage")
+            if backend == "kubernetes" and "://" not in uri:
+                raise ValueError(f"{field}.uri: a local path, which pods cannot reach; use object storage "
+                                 f"(s3://, gs://, ...) with the kubernetes backend")
+        if backend == "kubernetes" and not self.compute.kubernetes.image:
+            raise ValueError("compute.kubernetes.image: required for the kubernetes backend "
+                             "(build containers/Dockerfile and push it to a registry the cluster pulls from)")
+        return self
+
+    def gpus_per_worker(self) -> int:
+        """GPUs each remote worker asks for: compute.gpus_per_worker, else 0 on engine.device cpu and 1 otherwise."""
+        if self.compute.gpus_per_worker is not None:
+            return self.compute.gpus_per_worker
+        return 0 if self.engine.device == "cpu" else 1
+
+    def resolved_yaml(self) -> str:
+        """This spec as a self-contained job file (variables filled, overrides applied, paths absolute): what a
+        remote worker loads. Loading it gives the same fingerprint."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides which rows exist and what each result holds.
@@ -330,4 +380,16 @@ def load_spec(path: str, overrides=(), env=None) -> JobSpec:
     cwd = os.getcwd()
     spec.input.uri = _absolute(spec.input.uri, cwd)
     spec.output.uri = _absolute(spec.output.uri, cwd).rstrip("/")
+    spec.model.source = _local_model(spec.model.source, cwd)
     return spec
+
+
+def _local_model(source: str, cwd: str) -> str:
+    """A relative model path that exists here, made absolute (workers may start elsewhere); aliases and remote
+    sources as they are."""
+    from batchllm.models.sources import ALIASES, is_remote
+
+    if source in ALIASES or is_remote(source) or os.path.isabs(source):
+        return source
+    path = os.path.join(cwd, os.path.expanduser(source))
+    return os.path.abspath(path) if os.path.exists(path) else source

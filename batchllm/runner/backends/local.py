@@ -112,6 +112,24 @@ def _pump(proc, bar, out):
             out.flush()
 
 
+def worker_command(job_path: str, overrides, index: int) -> list[str]:
+    return ([sys.executable, "-m", "batchllm.cli", "worker", job_path] + [a for o in overrides for a in ("--set", o)]
+            + ["--index", str(index)])
+
+
+def describe(spec, job_path: str, overrides=()) -> str:
+    """The worker processes `run` would start: a line a GPU (or a worker), the commands of one line in turn."""
+    workers, gpus = spec.compute.workers, _gpu_ids(spec)
+    if workers == 1:
+        return f"local: 1 worker in this process: {shlex.join(worker_command(job_path, overrides, 0))}"
+    lines = [f"local: {workers} worker processes on {len(gpus)} GPU(s)" if gpus else
+             f"local: {workers} worker processes on the CPU"]
+    for group in lanes(workers, gpus):
+        env = f"CUDA_VISIBLE_DEVICES={gpus[group[0] % len(gpus)]} " if gpus else ""
+        lines.append(env + " ; ".join(shlex.join(worker_command(job_path, overrides, i)) for i in group))
+    return "\n".join(lines)
+
+
 def lanes(workers: int, gpus: list[str]) -> list[list[int]]:
     """Worker indices grouped by what runs them: with fewer GPUs than workers, GPU g runs workers g, g + len(gpus),
     ... one after another (each gets the whole card's memory, where two at once would split its KV pool); else
@@ -137,8 +155,7 @@ def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_p
     groups = lanes(workers, gpus)
     if len(groups) < workers:
         log.info("%d workers on %d GPU(s): each GPU runs its workers one after another", workers, len(gpus))
-    base = [sys.executable, "-m", "batchllm.cli", "worker", job_path] + [a for o in overrides for a in ("--set", o)]
-    command = lambda i: base + ["--index", str(i)]  # noqa: E731
+    command = lambda i: worker_command(job_path, overrides, i)  # noqa: E731
     if not wait:
         return _detach(spec, groups, gpus, command)
 
