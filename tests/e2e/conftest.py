@@ -1,4 +1,4 @@
-"""End-to-end fixtures: moto's S3 server and the Pushgateway, started once per session on free ports.
+"""End-to-end fixtures: moto's S3 server, the Pushgateway and a Ray cluster, started once per session on free ports.
 
 Without the services the tests skip loudly, unless CI is set: then a missing service fails them.
 """
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "runner"))
-from runner_helpers import start_moto, start_pushgateway, stop  # noqa: E402
+from runner_helpers import start_moto, start_pushgateway, start_ray, stop  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +45,13 @@ def pushgateway():
         yield url
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A one-node Ray cluster on 127.0.0.1: (address, env for a driver that connects to it)."""
+    proc, address, env = start_ray()
+    try:
+        yield address, env
+    finally:
+        stop(proc)  # `--block` takes its cluster down with it

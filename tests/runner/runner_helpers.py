@@ -174,6 +174,39 @@ def start_pushgateway():
     return proc, f"http://127.0.0.1:{port}"
 
 
+# Ray binds every interface unless it runs in its single-host mode (the flag that mode is named after on macOS
+# and Windows); in it, the head, its workers and every driver stay on 127.0.0.1.
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def start_ray(num_cpus=4):
+    """A one-node Ray cluster (`ray start --head --block`); returns (process, address, env for its drivers)."""
+    import tempfile
+
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        missing_service("a Ray cluster", f"{e}; pip install ray")
+    port = free_port()
+    env = dict(os.environ, **RAY_LOCAL_ENV)
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode} before it was ready")
+        status = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status", f"--address={address}"],
+                                env=env, capture_output=True, text=True)
+        if status.returncode == 0 and "CPU" in status.stdout:
+            return proc, address, env
+        time.sleep(0.5)
+    raise RuntimeError(f"the Ray cluster at {address} was not ready after 60 s")
+
+
 def stop(proc):
     proc.terminate()
     try:

@@ -1,0 +1,149 @@
+"""The ray backend on a real one-node Ray cluster: workers as Ray tasks, a killed worker retried by Ray, a stopped
+driver resumed, and the cluster checks. Each `batchllm submit` runs as its own process (the Ray driver), as a
+user's would; results are compared row for row with the local backend's (greedy, one sequence at a time)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runner_helpers import by_id, cli, jsonl_bytes, job_doc, read_table, review_rows, write_job
+
+ROWS = 72
+# one sequence at a time, 48 tokens each, small parts: a worker runs for seconds and commits often, so a kill
+# or a stop lands mid-shard (as in test_e2e_resume.py)
+SECTIONS = dict(name="ray-job", output={"columns": ["text"], "rows_per_part": 3}, engine={"max_num_seqs": 1},
+                sampling={"max_tokens": 48, "temperature": 0.0, "ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ray-data") / "reviews.jsonl"
+    path.write_bytes(jsonl_bytes(review_rows(ROWS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir, dataset, tmp_path_factory):
+    """The local backend's results, by id."""
+    d = tmp_path_factory.mktemp("ray-baseline")
+    job = write_job(d / "job.yaml", job_doc(tiny_model_dir, dataset, d / "out", **SECTIONS,
+                                            compute={"rows_per_shard": 12}))
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    return by_id(read_table(str(d / "out" / "results")))
+
+
+def _job(tmp_path, tiny_model_dir, dataset, address, workers, **compute):
+    doc = job_doc(tiny_model_dir, dataset, tmp_path / "out", **SECTIONS,
+                  compute={"backend": "ray", "workers": workers, "rows_per_shard": 12, "grace_period_s": 10,
+                           "ray": {"address": address}, **compute})
+    return write_job(tmp_path / "job.yaml", doc)
+
+
+def _submit(job, env, *args):
+    return subprocess.Popen([sys.executable, "-m", "batchllm.cli", "submit", job, "--no-progress", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _committed_parts(out):
+    return len(list((out / "results").glob("*"))) if (out / "results").exists() else 0
+
+
+def _wait_for_parts(proc, out, at_least, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _committed_parts(out) >= at_least:
+            return
+        assert proc.poll() is None, "the job ended before the test could interrupt it: " + proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no part committed in time")
+
+
+def _worker_pids(job_marker="batchllm-"):
+    """Worker children the Ray tasks started: `python -m batchllm.cli worker /tmp/batchllm-.../job.yaml`."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if "batchllm.cli" in text and "worker" in text and any(job_marker in a for a in text):
+            pids.append(int(pid))
+    return pids
+
+
+def _check(baseline, out):
+    results = read_table(str(out / "results"))
+    ids = [r["id"] for r in results]
+    assert len(ids) == len(set(ids)) == ROWS, "every row exactly once"
+    for r in results:
+        b = baseline[r["id"]]
+        assert (r["output"], r["completion_tokens"]) == (b["output"], b["completion_tokens"]), r["id"]
+
+
+def test_workers_run_as_ray_tasks(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
+    address, env = ray_cluster
+    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
+    dry = cli("submit", job, "--dry-run")
+    assert dry.exit_code == 0 and "ray: 2 task(s)" in dry.output and address in dry.output, dry.output
+    p = _submit(job, env)
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output
+    for i in range(2):  # each worker's log lines reach the driver through Ray, tagged with its task's name
+        assert f"(batchllm-worker-{i} pid=" in output, output
+    assert "state      complete" in output
+    _check(baseline, tmp_path / "out")
+
+
+def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
+    address, env = ray_cluster
+    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
+    p = _submit(job, env)
+    _wait_for_parts(p, tmp_path / "out", 2)
+    pids = _worker_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)  # an OOM kill or a lost node: no commit, no clean exit
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output
+    assert "will be retried" in output and output.count("worker 0/1:") == 2, output
+    _check(baseline, tmp_path / "out")
+
+
+def test_a_stopped_driver_leaves_a_job_that_resumes(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
+    address, env = ray_cluster
+    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
+    p = _submit(job, env)
+    _wait_for_parts(p, tmp_path / "out", 1)
+    p.send_signal(signal.SIGINT)  # Ctrl-C: the tasks are cancelled, their workers commit and exit 75
+    output, _ = p.communicate(timeout=120)
+    assert p.returncode == 75, output
+    assert "stopped early" in output, output
+    for i in range(2):  # each worker got SIGTERM, committed what it had finished, and exited 75
+        assert f"worker {i}: exited with 75" in output, output
+    assert not _worker_pids(), "a worker outlived its cancelled task"
+    done = len(read_table(str(tmp_path / "out" / "results")))
+    assert 0 < done < ROWS
+    p = _submit(job, env)
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output
+    assert f"resuming; {done}/{ROWS} rows already committed" in output
+    _check(baseline, tmp_path / "out")
+
+
+def test_cluster_checks_are_one_line_errors(ray_cluster, tiny_model_dir, dataset, tmp_path):
+    address, env = ray_cluster
+    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=1, gpus_per_worker=1)
+    p = _submit(job, env)
+    output, _ = p.communicate(timeout=120)
+    assert p.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: compute.gpus_per_worker: a worker asks for 1 GPU(s) but it has none; set "
+                      "compute.gpus_per_worker (0 runs on the CPU with engine.device: cpu)"], output
+    assert "Traceback" not in output
+    r = cli("submit", _job(tmp_path, tiny_model_dir, dataset, address, workers=1), "--no-wait")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --no-wait: the ray backend"), r.stderr
