@@ -58,7 +58,15 @@ def test_defaults_and_relative_paths(tmp_path, monkeypatch):
     ({"sampling__max_tokens": "many"}, "sampling.max_tokens: input should be a valid integer"),
     ({"name": "Review_Sentiment"}, "name: use lowercase letters, digits and '-'"),
     ({"max_error_ratio": 2}, "max_error_ratio: input should be less than or equal to 1"),
-    ({"compute__backend": "slurm"}, "compute.backend: input should be 'local'"),
+    ({"compute__backend": "slurm"}, "compute.backend: input should be 'local', 'ray' or 'kubernetes' (got 'slurm')"),
+    ({"compute__backend": "ray", "input__uri": "memory://in.jsonl"},
+     "input.uri: memory:// lives in one process; the ray backend needs real storage"),
+    ({"compute__backend": "kubernetes", "compute__kubernetes": {"image": "img"}},
+     "input.uri: a local path, which pods cannot reach; use object storage"),
+    ({"compute__backend": "kubernetes", "input__uri": "s3://b/in", "output__uri": "s3://b/out"},
+     "compute.kubernetes.image: required for the kubernetes backend"),
+    ({"compute__gpus_per_worker": -1}, "compute.gpus_per_worker: input should be greater than or equal to 0"),
+    ({"compute__ray": {"adress": "x"}}, "compute.ray.adress: unknown key; valid keys here: address, runtime_env"),
     ({"prompt__column": "text"}, "prompt: set exactly one of template, column or messages_column"),
     ({"prompt__template": "Review: {0}"}, "prompt.template: placeholder {0} must name a column"),
     ({"prompt__template": "Review: {text"}, "prompt.template:"),
@@ -119,6 +127,28 @@ def test_fingerprint_follows_results_not_speed(tmp_path):
     fp = load_spec(path).fingerprint()
     assert load_spec(path, ["compute.workers=8", "engine.max_num_seqs=4", "cost.gpu_hour_usd=3"]).fingerprint() == fp
     assert load_spec(path, ["sampling.max_tokens=5"]).fingerprint() != fp
+
+
+def test_remote_workers_get_a_resolved_spec(tmp_path, monkeypatch):
+    """What a Ray task or a pod loads: variables filled, overrides applied, paths absolute, the same fingerprint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.setenv("BUCKET", "b")
+    doc = _with(model__source="models/tiny", output__uri="s3://${BUCKET}/out", compute__backend="ray")
+    spec = load_spec(_write(tmp_path, doc), ["sampling.max_tokens=7"])
+    assert spec.model.source == str(tmp_path / "models" / "tiny")  # workers may start in another folder
+    assert load_spec(_write(tmp_path, _with(model__source="smollm2-135m"))).model.source == "smollm2-135m"
+    assert load_spec(_write(tmp_path, _with(model__source="no/such/dir"))).model.source == "no/such/dir"
+    monkeypatch.delenv("BUCKET")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = load_spec(_write(elsewhere, spec.resolved_yaml(), "resolved.yaml"))
+    assert again.model_dump() == spec.model_dump() and again.fingerprint() == spec.fingerprint()
+    assert again.output.uri == "s3://b/out" and again.sampling.max_tokens == 7
+    assert spec.gpus_per_worker() == 1
+    assert load_spec(_write(tmp_path, BASE), ["engine.device=cpu"]).gpus_per_worker() == 0
+    assert load_spec(_write(tmp_path, BASE), ["engine.device=cpu", "compute.gpus_per_worker=2"]).gpus_per_worker() == 2
 
 
 def test_cli_spec_errors_exit_2_without_traceback(tmp_path):
