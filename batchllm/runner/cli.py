@@ -150,7 +150,8 @@ def submit(job, overrides, wait, no_progress, dry_run, verbose):
     code = backend.run(spec, job, overrides, wait=wait, initial=s["rows_done"], total=s["total_rows"],
                        show_progress=not no_progress)
     if not wait:
-        click.echo(f"{spec.name}: started; follow with `batchllm status {spec.output.uri}`")
+        if code == EXIT_OK:
+            click.echo(f"{spec.name}: started; follow with `batchllm status {spec.output.uri}`")
         return code
     s = _summary(store, p, spec)
     click.echo(format_summary(s, spec.output.uri))
