@@ -136,6 +136,7 @@ def submit(job, overrides, wait, no_progress, dry_run, verbose):
     if dry_run:
         click.echo(backend.describe(spec, job, overrides))
         return EXIT_OK
+    backend.check(spec, wait)
     store, p = _store_and_plan(spec)
     s = _summary(store, p, spec)
     if s["shards_complete"] == s["shards"]:
@@ -158,7 +159,7 @@ def submit(job, overrides, wait, no_progress, dry_run, verbose):
     if s["shards_complete"] == s["shards"]:
         return EXIT_OK if s["state"] == "complete" else EXIT_FAILED
     if code == EXIT_RETRY:
-        click.echo(f"{spec.name}: stopped early; run the same command again to resume", err=True)
+        click.echo(f"{spec.name}: not finished; run the same command again to resume (or to follow it)", err=True)
     return code if code != EXIT_OK else EXIT_RETRY
 
 

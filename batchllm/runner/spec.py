@@ -117,8 +117,11 @@ class EngineSpec(_Section):
 
 
 class RaySpec(_Section):
-    address: Optional[str] = None  # "auto", "host:6379" or "ray://host:10001"; None: RAY_ADDRESS, else a local cluster
+    address: Optional[str] = None  # "host:6379", "ray://host:10001" or "auto"; None: RAY_ADDRESS, a running local
+    #                                cluster, else a new local Ray
     runtime_env: dict[str, Any] = {}  # passed to Ray as is (pip, env_vars, ...)
+    cpus_per_worker: Optional[float] = Field(default=None, gt=0)  # None: 1 with GPUs; else a share of the CPUs
+    autoscaling: bool = False  # true: GPU nodes start on demand, so none need be up at submit
 
 
 class KubernetesSpec(_Section):
@@ -205,9 +208,10 @@ class JobSpec(_Section):
         return 0 if self.engine.device == "cpu" else 1
 
     def resolved_yaml(self) -> str:
-        """This spec as a self-contained job file (variables filled, overrides applied, paths absolute): what a
-        remote worker loads. Loading it gives the same fingerprint."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        """This spec as a self-contained job file (variables filled, overrides applied, data paths absolute): what
+        a remote worker loads. A `${` in a value is written `$${`, so loading it gives the same values and
+        fingerprint."""
+        return yaml.safe_dump(_escape(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides which rows exist and what each result holds.
@@ -241,7 +245,8 @@ def template_fields(template: str) -> list[str]:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${NAME}` or `${NAME:-default}`; `$${` is a literal `${` (and is how a resolved job file keeps one)
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _substitute(value, where, env):
@@ -253,6 +258,8 @@ def _substitute(value, where, env):
         return value
 
     def fill(m):
+        if m.group(0) == "$${":
+            return "${"
         name, default = m.group(1), m.group(2)
         if name in env:
             return env[name]
@@ -261,6 +268,14 @@ def _substitute(value, where, env):
         raise SpecError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
 
     return _VAR.sub(fill, value)
+
+
+def _escape(value):
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape(v) for v in value]
+    return value.replace("${", "$${") if isinstance(value, str) else value
 
 
 def parse_override(item: str):
@@ -380,16 +395,4 @@ def load_spec(path: str, overrides=(), env=None) -> JobSpec:
     cwd = os.getcwd()
     spec.input.uri = _absolute(spec.input.uri, cwd)
     spec.output.uri = _absolute(spec.output.uri, cwd).rstrip("/")
-    spec.model.source = _local_model(spec.model.source, cwd)
     return spec
-
-
-def _local_model(source: str, cwd: str) -> str:
-    """A relative model path that exists here, made absolute (workers may start elsewhere); aliases and remote
-    sources as they are."""
-    from batchllm.models.sources import ALIASES, is_remote
-
-    if source in ALIASES or is_remote(source) or os.path.isabs(source):
-        return source
-    path = os.path.join(cwd, os.path.expanduser(source))
-    return os.path.abspath(path) if os.path.exists(path) else source

@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
-from runner_helpers import by_id, cli, jsonl_bytes, job_doc, read_table, review_rows, write_job
+from runner_helpers import by_id, cli, free_port, jsonl_bytes, job_doc, read_table, review_rows, write_job
 
 ROWS = 72
 # one sequence at a time, 48 tokens each, small parts: a worker runs for seconds and commits often, so a kill
@@ -37,10 +38,13 @@ def baseline(tiny_model_dir, dataset, tmp_path_factory):
 
 
 def _job(tmp_path, tiny_model_dir, dataset, address, workers, **compute):
+    """A ray job whose workers carry a tag of their own in their environment (see _worker_pids)."""
+    tag = uuid.uuid4().hex
+    ray = {"address": address, "runtime_env": {"env_vars": {"BATCHLLM_TEST_TAG": tag}}}
     doc = job_doc(tiny_model_dir, dataset, tmp_path / "out", **SECTIONS,
                   compute={"backend": "ray", "workers": workers, "rows_per_shard": 12, "grace_period_s": 10,
-                           "ray": {"address": address}, **compute})
-    return write_job(tmp_path / "job.yaml", doc)
+                           "ray": ray, **compute})
+    return write_job(tmp_path / "job.yaml", doc), tag
 
 
 def _submit(job, env, *args):
@@ -62,17 +66,19 @@ def _wait_for_parts(proc, out, at_least, timeout=120):
     raise AssertionError("no part committed in time")
 
 
-def _worker_pids(job_marker="batchllm-"):
-    """Worker children the Ray tasks started: `python -m batchllm.cli worker /tmp/batchllm-.../job.yaml`."""
+def _worker_pids(tag):
+    """This test's worker children (`python -m batchllm.cli worker ...` with its tag in their environment), never
+    another run's."""
     pids = []
-    for pid in os.listdir("/proc"):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
         except OSError:
             continue
-        text = [a.decode(errors="replace") for a in argv]
-        if "batchllm.cli" in text and "worker" in text and any(job_marker in a for a in text):
+        if b"batchllm.cli" in argv and b"worker" in argv and f"BATCHLLM_TEST_TAG={tag}".encode() in env:
             pids.append(int(pid))
     return pids
 
@@ -88,7 +94,7 @@ def _check(baseline, out):
 
 def test_workers_run_as_ray_tasks(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
     address, env = ray_cluster
-    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
+    job, _ = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
     dry = cli("submit", job, "--dry-run")
     assert dry.exit_code == 0 and "ray: 2 task(s)" in dry.output and address in dry.output, dry.output
     p = _submit(job, env)
@@ -102,10 +108,10 @@ def test_workers_run_as_ray_tasks(ray_cluster, tiny_model_dir, dataset, baseline
 
 def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
     address, env = ray_cluster
-    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
+    job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
     p = _submit(job, env)
     _wait_for_parts(p, tmp_path / "out", 2)
-    pids = _worker_pids()
+    pids = _worker_pids(tag)
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)  # an OOM kill or a lost node: no commit, no clean exit
     output, _ = p.communicate(timeout=300)
@@ -116,16 +122,16 @@ def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset,
 
 def test_a_stopped_driver_leaves_a_job_that_resumes(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
     address, env = ray_cluster
-    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
+    job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
     p = _submit(job, env)
     _wait_for_parts(p, tmp_path / "out", 1)
     p.send_signal(signal.SIGINT)  # Ctrl-C: the tasks are cancelled, their workers commit and exit 75
     output, _ = p.communicate(timeout=120)
     assert p.returncode == 75, output
-    assert "stopped early" in output, output
+    assert "not finished; run the same command again" in output, output
     for i in range(2):  # each worker got SIGTERM, committed what it had finished, and exited 75
         assert f"worker {i}: exited with 75" in output, output
-    assert not _worker_pids(), "a worker outlived its cancelled task"
+    assert not _worker_pids(tag), "a worker outlived its cancelled task"
     done = len(read_table(str(tmp_path / "out" / "results")))
     assert 0 < done < ROWS
     p = _submit(job, env)
@@ -137,13 +143,40 @@ def test_a_stopped_driver_leaves_a_job_that_resumes(ray_cluster, tiny_model_dir,
 
 def test_cluster_checks_are_one_line_errors(ray_cluster, tiny_model_dir, dataset, tmp_path):
     address, env = ray_cluster
-    job = _job(tmp_path, tiny_model_dir, dataset, address, workers=1, gpus_per_worker=1)
+    job, _ = _job(tmp_path, tiny_model_dir, dataset, address, workers=1, gpus_per_worker=1)
     p = _submit(job, env)
     output, _ = p.communicate(timeout=120)
     assert p.returncode == 2, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == ["error: compute.gpus_per_worker: a worker asks for 1 GPU(s) but it has none; set "
-                      "compute.gpus_per_worker (0 runs on the CPU with engine.device: cpu)"], output
+                      "compute.gpus_per_worker (0 runs on the CPU with engine.device: cpu), or "
+                      "compute.ray.autoscaling: true where GPU nodes start on demand"], output
     assert "Traceback" not in output
-    r = cli("submit", _job(tmp_path, tiny_model_dir, dataset, address, workers=1), "--no-wait")
+    assert not (tmp_path / "out").exists(), "a refused job wrote to its output"
+    r = cli("submit", _job(tmp_path, tiny_model_dir, dataset, address, workers=1)[0], "--no-wait")
     assert r.exit_code == 2 and r.stderr.startswith("error: --no-wait: the ray backend"), r.stderr
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    p = _submit(_job(tmp_path, tiny_model_dir, dataset, closed, workers=1)[0], env)
+    output, _ = p.communicate(timeout=60)
+    assert p.returncode == 2 and f"error: compute.ray.address: nothing answers at {closed}" in output, output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_during_start_up_reaches_the_silent_worker(ray_cluster, tiny_model_dir, dataset, tmp_path):
+    """Ctrl-C while the workers load the model (they print nothing yet): each still gets SIGTERM at once and
+    exits 75, and none outlives its task."""
+    address, env = ray_cluster
+    job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
+    p = _submit(job, env)
+    deadline = time.monotonic() + 60
+    while len(_worker_pids(tag)) < 2:
+        assert time.monotonic() < deadline and p.poll() is None, "the workers did not start"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    output, _ = p.communicate(timeout=120)
+    assert p.returncode == 75, output
+    assert time.monotonic() - started < 10, "the stop waited for the workers to speak"  # the grace is 10 s + 15
+    for i in range(2):
+        assert f"worker {i}: exited with 75" in output, output
+    assert not _worker_pids(tag)

@@ -175,8 +175,9 @@ def start_pushgateway():
 
 
 # Ray binds every interface unless it runs in its single-host mode (the flag that mode is named after on macOS
-# and Windows); in it, the head, its workers and every driver stay on 127.0.0.1.
-RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# and Windows); in it, the head, its workers and every driver stay on 127.0.0.1. Token auth off: an earlier
+# local ray.init() leaves a token in ~/.ray that would otherwise switch it on.
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def start_ray(num_cpus=4):

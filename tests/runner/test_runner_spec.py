@@ -130,21 +130,23 @@ def test_fingerprint_follows_results_not_speed(tmp_path):
 
 
 def test_remote_workers_get_a_resolved_spec(tmp_path, monkeypatch):
-    """What a Ray task or a pod loads: variables filled, overrides applied, paths absolute, the same fingerprint."""
+    """What a Ray task or a pod loads: variables filled, overrides applied, data paths absolute, a literal `${`
+    kept literal, the same fingerprint from another folder without the environment."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models" / "tiny").mkdir(parents=True)
     monkeypatch.setenv("BUCKET", "b")
-    doc = _with(model__source="models/tiny", output__uri="s3://${BUCKET}/out", compute__backend="ray")
+    monkeypatch.setenv("TPL", "Cost ${PRICE}: {text}")  # a value that itself holds a `${`
+    doc = _with(output__uri="s3://${BUCKET}/out", prompt__template="${TPL}", prompt__system="Use $${EURO} signs.",
+                compute__backend="ray")
     spec = load_spec(_write(tmp_path, doc), ["sampling.max_tokens=7"])
-    assert spec.model.source == str(tmp_path / "models" / "tiny")  # workers may start in another folder
-    assert load_spec(_write(tmp_path, _with(model__source="smollm2-135m"))).model.source == "smollm2-135m"
-    assert load_spec(_write(tmp_path, _with(model__source="no/such/dir"))).model.source == "no/such/dir"
+    assert spec.prompt.template == "Cost ${PRICE}: {text}" and spec.prompt.system == "Use ${EURO} signs."
     monkeypatch.delenv("BUCKET")
+    monkeypatch.delenv("TPL")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     again = load_spec(_write(elsewhere, spec.resolved_yaml(), "resolved.yaml"))
     assert again.model_dump() == spec.model_dump() and again.fingerprint() == spec.fingerprint()
+    assert again.input.uri == str(tmp_path / "data" / "reviews.jsonl")
     assert again.output.uri == "s3://b/out" and again.sampling.max_tokens == 7
     assert spec.gpus_per_worker() == 1
     assert load_spec(_write(tmp_path, BASE), ["engine.device=cpu"]).gpus_per_worker() == 0

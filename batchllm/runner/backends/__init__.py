@@ -1,5 +1,6 @@
 """Backends start a job's workers; each is a module with the same two functions.
 
+    check(spec, wait)                            # refusals (SpecError) due before the plan is stored
     run(spec, job_path, overrides, wait, initial, total, show_progress) -> exit code (0, 1, 75)
     describe(spec, job_path, overrides) -> str   # what run would start (`batchllm submit --dry-run`)
 

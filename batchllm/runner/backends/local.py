@@ -6,6 +6,7 @@ GPU runs its share one after another (`lanes`). They report finished rows on std
 SIGTERM/SIGINT is passed on to the running workers, which commit and exit 75; workers not yet started
 are left for the next submit.
 """
+import contextlib
 import logging
 import os
 import shlex
@@ -73,6 +74,29 @@ def progress_printer():
     return report
 
 
+def progress_rows(line: str):
+    """The rows a worker's progress line reports (0 if garbled), or None for any other line."""
+    if not line.startswith(PROGRESS_TAG):
+        return None
+    try:
+        return int(line[len(PROGRESS_TAG):])
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def on_stop(handler):
+    """SIGTERM and SIGINT call handler(signum) while the block runs (only the main thread may take signals)."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def _gpu_ids(spec):
     if spec.engine.device == "cpu":
         return []
@@ -102,14 +126,12 @@ def _child_env(spec, index, gpus):
 
 def _pump(proc, bar, out):
     for line in proc.stdout:
-        if line.startswith(PROGRESS_TAG):
-            try:
-                bar.update(int(line[len(PROGRESS_TAG):]))
-            except ValueError:
-                pass
-        else:
+        rows = progress_rows(line)
+        if rows is None:
             out.write(line)
             out.flush()
+        else:
+            bar.update(rows)
 
 
 def worker_command(job_path: str, overrides, index: int) -> list[str]:
@@ -139,11 +161,15 @@ def lanes(workers: int, gpus: list[str]) -> list[list[int]]:
     return [[i] for i in range(workers)]
 
 
+def check(spec, wait: bool):
+    """Refusals due before anything is written."""
+    if spec.compute.workers > 1 and (spec.input.uri.startswith("memory:") or spec.output.uri.startswith("memory:")):
+        raise SpecError("compute.workers: memory:// lives in one process; use workers: 1 or real storage")
+
+
 def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_progress=True) -> int:
     """Run the job's workers; with wait, return the job's exit code (0, 1 or 75)."""
     workers = spec.compute.workers
-    if workers > 1 and (spec.input.uri.startswith("memory:") or spec.output.uri.startswith("memory:")):
-        raise SpecError("compute.workers: memory:// lives in one process; use workers: 1 or real storage")
     if workers == 1 and wait:
         bar = Bar(total, initial, spec.name, show_progress)
         try:
@@ -179,7 +205,7 @@ def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_p
             with lock:
                 del running[i]
 
-    def forward(signum, frame):
+    def forward(signum):
         with lock:
             stopping["sig"] = signum
             for p in running.values():
@@ -187,18 +213,14 @@ def run(spec, job_path: str, overrides=(), wait=True, initial=0, total=0, show_p
                     p.send_signal(signal.SIGTERM)
 
     threads = [threading.Thread(target=lane, args=(g,), daemon=True) for g in groups]
-    saved = {}
-    if threading.current_thread() is threading.main_thread():
-        saved = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # short waits: signals reach the handler between them
+        with on_stop(forward):
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)  # short waits: signals reach the handler between them
     finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
         bar.close()
     codes = [codes.get(i, EXIT_FAILED) for i in range(workers)]
     for i, c in enumerate(codes):
