@@ -163,8 +163,8 @@ def test_cluster_checks_are_one_line_errors(ray_cluster, tiny_model_dir, dataset
 
 
 def test_a_stop_during_start_up_reaches_the_silent_worker(ray_cluster, tiny_model_dir, dataset, tmp_path):
-    """Ctrl-C while the workers load the model (they print nothing yet): each still gets SIGTERM at once and
-    exits 75, and none outlives its task."""
+    """Ctrl-C while the workers load the model (they print nothing yet): each still gets SIGTERM at once, and
+    none outlives its task."""
     address, env = ray_cluster
     job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
     p = _submit(job, env)
@@ -173,10 +173,11 @@ def test_a_stop_during_start_up_reaches_the_silent_worker(ray_cluster, tiny_mode
         assert time.monotonic() < deadline and p.poll() is None, "the workers did not start"
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)
-    started = time.monotonic()
     output, _ = p.communicate(timeout=120)
     assert p.returncode == 75, output
-    assert time.monotonic() - started < 10, "the stop waited for the workers to speak"  # the grace is 10 s + 15
-    for i in range(2):
-        assert f"worker {i}: exited with 75" in output, output
+    for i in range(2):  # 75, or -15 when SIGTERM came before the worker had set its handler: nothing had started
+        assert f"worker {i}: exited with 75" in output or f"worker {i}: exited with -15" in output, output
     assert not _worker_pids(tag)
+    # The stop reached them before they finished a row. (A task that waited for its worker's first progress
+    # line would have let rows finish, and the worker would have committed them.)
+    assert not read_table(str(tmp_path / "out" / "results")), "the stop waited for the workers to speak"
