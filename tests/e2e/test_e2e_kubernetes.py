@@ -1,7 +1,8 @@
 """The kubernetes backend end to end, without a cluster: `batchllm submit` against S3 (moto) and a stand-in
-kubectl, with this test playing the cluster. It mounts the applied ConfigMap where the Job says and runs each
-pod's command as a process with the pod's env and, as Kubernetes does for an Indexed Job, JOB_COMPLETION_INDEX.
-That the results come out complete shows the rendered job file, the index and the plan fit together.
+kubectl (tests/runner/kubectl_stub.py), with this test playing the cluster. It mounts the applied Secret where the
+Job says and runs each pod's command as a process with the pod's env and, as Kubernetes does for an Indexed Job,
+JOB_COMPLETION_INDEX. That the results come out complete shows the rendered job file, the index and the plan fit
+together.
 """
 import os
 import subprocess
@@ -11,22 +12,18 @@ import time
 
 import pytest
 
+from kubectl_stub import job_state, kubectl_fixture  # noqa: F401 (the `kubectl` fixture)
 from runner_helpers import cli, job_doc, jsonl_bytes, read_table, review_rows, write_job
-from test_kubernetes_backend import FakeKubectl, job_state
 
 from batchllm.runner.backends import kubernetes
+from batchllm.runner.spec import load_spec
 
-
-@pytest.fixture()
-def kubectl(tmp_path, monkeypatch):
-    fake = FakeKubectl(tmp_path / "fake-bin")
-    monkeypatch.setenv("PATH", f"{fake.folder}{os.pathsep}{os.environ['PATH']}")
-    return fake
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_pods(docs, root) -> list[int]:
     """What the cluster does with the applied manifests; returns each index's exit code."""
-    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    secret = next(d for d in docs if d["kind"] == "Secret")
     job = next(d for d in docs if d["kind"] == "Job")
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -35,9 +32,9 @@ def run_pods(docs, root) -> list[int]:
     for m in container["volumeMounts"]:
         folder = root / m["name"]
         folder.mkdir(parents=True)
-        if "configMap" in volumes[m["name"]]:
-            assert volumes[m["name"]]["configMap"]["name"] == config["metadata"]["name"]
-            for key, text in config["data"].items():
+        if "secret" in volumes[m["name"]]:
+            assert volumes[m["name"]]["secret"]["secretName"] == secret["metadata"]["name"]
+            for key, text in secret["stringData"].items():
                 (folder / key).write_text(text)
         mounts[m["mountPath"]] = str(folder)
 
@@ -50,6 +47,8 @@ def run_pods(docs, root) -> list[int]:
     assert container["command"][0] == "batchllm"
     command = [sys.executable, "-m", "batchllm.cli"] + [here(a) for a in container["command"][1:]]
     env = {k: v for k, v in os.environ.items() if k not in ("JOB_DIR", "PATH")}  # the pod's env, not ours
+    # the image holds this checkout's batchllm, not whatever an installed copy points at
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env.update({e["name"]: here(e["value"]) for e in container.get("env", [])}, PATH=os.defpath,
                OMP_NUM_THREADS="1")
     cwd = root / "workdir"
@@ -63,12 +62,12 @@ def run_pods(docs, root) -> list[int]:
     return [p.wait(timeout=300) for p in procs]
 
 
-def _job(tmp_path, s3fs_, s3_endpoint, bucket, rows=22, **extra):
+def _job(tmp_path, s3fs_, s3_endpoint, bucket, rows=22, kubernetes=None, **extra):
     s3fs_.mkdir(bucket)
     s3fs_.pipe(f"{bucket}/in/reviews.jsonl", jsonl_bytes(review_rows(rows)))
+    k8s = {"image": "registry.example.com/batchllm:test", "namespace": "batch", **(kubernetes or {})}
     doc = job_doc("smollm2-135m", f"s3://{bucket}/in/reviews.jsonl", f"s3://{bucket}/out", name=bucket,
-                  compute={"backend": "kubernetes", "workers": 3, "rows_per_shard": 4,
-                           "kubernetes": {"image": "registry.example.com/batchllm:test", "namespace": "batch"}},
+                  compute={"backend": "kubernetes", "workers": 3, "rows_per_shard": 4, "kubernetes": k8s},
                   storage={"endpoint_url": s3_endpoint}, **extra)
     return write_job(tmp_path / "job.yaml", doc)
 
@@ -77,12 +76,16 @@ def _errors(r):
     return [line for line in r.stderr.splitlines() if line.startswith("error:")]
 
 
+def _fingerprint(job) -> str:
+    return load_spec(str(job)).fingerprint()[:6]
+
+
 @pytest.mark.timeout(300)
 def test_submit_applies_the_job_and_its_pods_complete_it(tiny_model_dir, s3fs_, s3_endpoint, kubectl, tmp_path,
                                                          monkeypatch):
     job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-e2e", model={"source": str(tiny_model_dir)})
     monkeypatch.setattr(kubernetes, "POLL_S", 0.2)
-    kubectl.set(jobs=[], after_apply=[job_state("active")])
+    kubectl.set(jobs=[], on_apply={"jobs": [job_state("active")]})
     cluster, bar = {}, []
     update = kubernetes.Bar.update
     monkeypatch.setattr(kubernetes.Bar, "update", lambda self, n: (bar.append(n), update(self, n)))
@@ -107,7 +110,7 @@ def test_submit_applies_the_job_and_its_pods_complete_it(tiny_model_dir, s3fs_, 
     assert "state      complete" in r.output and "22/22 rows" in r.output
     assert sum(bar) == 22  # the bar follows the checkpoints
     verbs = kubectl.verbs()
-    assert verbs[:3] == ["get", "apply", "get"] and set(verbs[2:]) == {"get"}  # then only followed
+    assert verbs[:4] == ["get job", "apply", "delete secret", "get job"] and set(verbs[3:]) == {"get job"}
     assert all(c["argv"][:2] == ["--namespace", "batch"] for c in kubectl.calls())
 
     results = read_table("s3://k8s-e2e/out/results", storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
@@ -122,7 +125,7 @@ def test_submit_without_wait_applies_and_returns(s3fs_, s3_endpoint, kubectl, tm
     job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-nowait")
     r = cli("submit", job, "--no-wait")
     assert r.exit_code == 0, r.output + r.stderr
-    assert kubectl.verbs() == ["get", "apply"]
+    assert kubectl.verbs() == ["get job", "apply", "delete secret"]
     assert "started; follow with `batchllm status s3://k8s-nowait/out`" in r.output
     assert "kubectl --namespace batch get pods -l app.kubernetes.io/instance=batchllm-k8s-nowait-" in r.stderr
     assert s3fs_.exists("k8s-nowait/out/_batchllm/plan.json")  # planned before the pods start
@@ -132,31 +135,74 @@ def test_submit_without_wait_applies_and_returns(s3fs_, s3_endpoint, kubectl, tm
 def test_a_failed_job_fails_submit_with_its_reason(s3fs_, s3_endpoint, kubectl, tmp_path, monkeypatch):
     job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-failed")
     monkeypatch.setattr(kubernetes, "POLL_S", 0.05)
-    message = "Container worker for pod batch/x-1-abcde failed with exit code 2 matching FailJob rule at index 0"
-    kubectl.set(jobs=[], after_apply=[job_state("active"), job_state("Failed", "PodFailurePolicy", message)])
+    # exit 2 in one pod fails its index (FailIndex); the others finish; the Job ends Failed
+    kubectl.set(jobs=[], on_apply={"jobs": [job_state("active"), job_state("Failed", "FailedIndexes",
+                                                                             "Job has failed indexes")]})
     r = cli("submit", job, "--no-progress")
     assert r.exit_code == 1, r.output + r.stderr
-    assert f"failed: PodFailurePolicy: {message}" in r.stderr
+    name = f"batchllm-k8s-failed-{_fingerprint(job)}"
+    assert (f"job/{name} failed: FailedIndexes: Job has failed indexes (logs: kubectl --namespace batch logs -l "
+            f"app.kubernetes.io/instance={name} --prefix)") in r.stderr
     assert "state      pending" in r.output
-    assert kubectl.verbs() == ["get", "apply", "get", "get"]
+    assert kubectl.verbs() == ["get job", "apply", "delete secret", "get job", "get job"]
 
 
 @pytest.mark.timeout(60)  # following must end
 def test_an_interrupt_stops_following_and_leaves_the_running_job(s3fs_, s3_endpoint, kubectl, tmp_path, monkeypatch):
-    job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-interrupt")
+    job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-interrupt", kubernetes={"context": "gke-prod"})
     monkeypatch.setattr(kubernetes, "POLL_S", 0.05)
     kubectl.set(jobs=[job_state("active")], interrupt_on_get=3)  # already running; Ctrl-C while following
     r = cli("submit", job, "--no-progress")
     assert r.exit_code == 75, r.output + r.stderr
-    assert "already running" in r.stderr and "keeps running" in r.stderr
-    assert set(kubectl.verbs()) == {"get"}  # neither deleted nor replaced
+    name = f"batchllm-k8s-interrupt-{_fingerprint(job)}"
+    assert "already running" in r.stderr
+    assert (f"stopped following; job/{name} keeps running (`kubectl --namespace batch --context gke-prod delete job "
+            f"{name}` stops it; submit again to follow it)") in r.stderr
+    assert set(kubectl.verbs()) == {"get job"}  # neither deleted nor replaced
 
 
-def test_kubectl_missing_is_one_line_and_exit_2(s3fs_, s3_endpoint, tmp_path, monkeypatch):
+@pytest.mark.timeout(60)  # following must end
+def test_losing_the_api_server_stops_following_with_75(s3fs_, s3_endpoint, kubectl, tmp_path, monkeypatch):
+    """The Job may still run: a resubmit follows it again, so this is 75 (stopped early), not 1 (failed)."""
+    job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-lost", kubernetes={"context": "gke-prod"})
+    monkeypatch.setattr(kubernetes, "POLL_S", 0.05)
+    monkeypatch.setattr(kubernetes, "MAX_MISSES", 3)
+    refused = "The connection to the server 10.0.0.1:443 was refused - did you specify the right host or port?"
+    kubectl.set(jobs=[], on_apply={"jobs": [job_state("active")], "errors": {"get job": refused}})
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 75, r.output + r.stderr
+    assert kubectl.verbs() == ["get job", "apply", "delete secret"] + ["get job"] * 3
+    name = f"batchllm-k8s-lost-{_fingerprint(job)}"
+    (line,) = [s for s in r.stderr.splitlines() if " ERROR " in s]
+    assert line.endswith(f"kubectl: {refused}; lost contact with the cluster, so stopped following; job/{name} may "
+                         f"still be running: submit again to follow it (or `kubectl --namespace batch --context "
+                         f"gke-prod get job {name}`)")
+
+
+def test_a_job_running_with_another_job_file_exits_2_in_one_line(s3fs_, s3_endpoint, kubectl, tmp_path):
+    """Kubernetes refuses another pod template (another job file: here another worker count) on a Job that
+    exists; submit says which Job to wait for or delete, with the namespace."""
+    job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-immutable")
+    name = f"batchllm-k8s-immutable-{_fingerprint(job)}"
+    kubectl.set(jobs=[], errors={"apply": f'Error from server (Invalid): Job.batch "{name}" is invalid: '
+                                          f'spec.template: Invalid value: core.PodTemplateSpec{{}}: field is immutable'})
+    r = cli("submit", job, "--set", "compute.workers=5")
+    assert r.exit_code == 2, r.output + r.stderr
+    assert _errors(r) == [(f"error: job/{name} is running with a different job file; wait for it to end, or stop "
+                           f"it with `kubectl --namespace batch delete job {name}`, then submit again")]
+    assert "Traceback" not in r.stderr
+
+
+def test_kubectl_missing_is_one_line_and_exit_2_before_anything_is_written(s3fs_, s3_endpoint, tmp_path,
+                                                                          monkeypatch):
     job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-nokubectl")
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     r = cli("submit", job)
     assert r.exit_code == 2
-    assert len(_errors(r)) == 1 and "kubectl" in _errors(r)[0] and "Traceback" not in r.stderr
+    assert _errors(r) == [f"error: {kubernetes.NO_KUBECTL}"] and "Traceback" not in r.stderr
+    s3fs_.invalidate_cache()
+    assert not s3fs_.exists("k8s-nokubectl/out")  # check() ran before the plan was stored
+    r = cli("submit", job, "--dry-run")  # the manifests need no kubectl
+    assert r.exit_code == 0 and "kind: Secret" in r.output

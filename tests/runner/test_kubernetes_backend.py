@@ -1,16 +1,17 @@
 """The kubernetes backend without a cluster: the manifests (values, names, the Kubernetes schema), what
-`submit --dry-run` prints, the container image's paths, and `run` against a stand-in kubectl.
+`submit --dry-run` prints, the container image's paths, check(), and `run` against a stand-in kubectl
+(kubectl_stub.py).
 
 tests/e2e/test_e2e_kubernetes.py runs pods from the applied manifests against S3 (moto), and follows them.
 """
-import json
+import hashlib
 import os
 import re
-import sys
 
 import pytest
 import yaml
 
+from kubectl_stub import job_state, kubectl_fixture  # noqa: F401 (the `kubectl` fixture)
 from runner_helpers import cli, write_job
 
 from batchllm.runner.backends import kubernetes
@@ -42,104 +43,10 @@ def k8s_spec(**extra):
 
 def parts(spec):
     config, job = kubernetes.manifests(spec)
-    assert (config["kind"], job["kind"]) == ("ConfigMap", "Job")
+    assert (config["kind"], job["kind"]) == ("Secret", "Job")
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return config, job, pod, container
-
-
-# ---- a stand-in kubectl ------------------------------------------------------------------------------------
-
-FAKE_KUBECTL = r'''#!{python}
-"""A stand-in kubectl: records each call and answers from state.json (see FakeKubectl)."""
-import json, os, signal, sys
-
-here = os.path.dirname(os.path.abspath(__file__))
-args = sys.argv[1:]
-verb = next(a for a in args if a in ("get", "apply", "delete"))
-calls = os.path.join(here, "calls.jsonl")
-with open(calls, "a") as f:
-    f.write(json.dumps({"argv": args, "stdin": sys.stdin.read() if verb == "apply" else ""}) + "\n")
-path = os.path.join(here, "state.json")
-with open(path) as f:
-    state = json.load(f)
-
-
-def save():
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f)
-    os.replace(path + ".tmp", path)
-
-
-if verb in state.get("errors", {}):
-    sys.stderr.write(state["errors"][verb] + "\n")
-    sys.exit(1)
-if verb == "get":
-    with open(calls) as f:
-        gets = sum("get" in json.loads(line)["argv"] for line in f)
-    if gets == state.get("interrupt_on_get"):
-        os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C while `submit --wait` follows the Job
-    jobs = state["jobs"]
-    if len(jobs) > 1:
-        state["jobs"] = jobs[1:]
-        save()
-    if jobs:
-        print(json.dumps(jobs[0]))
-elif verb == "delete":
-    state["jobs"] = []
-    save()
-else:
-    state["jobs"] = state.get("after_apply", [{"status": {"active": 1}}])
-    save()
-'''
-
-
-class FakeKubectl:
-    """`kubectl` first on PATH. state.json: `jobs`, the Job's states that successive `get`s return (the last one
-    stays; [] is no Job); `after_apply`, what `jobs` becomes on apply; `errors`, {verb: stderr line} for verbs
-    that fail; `interrupt_on_get`, the nth `get` sends SIGINT to the process that ran it."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        folder.mkdir()
-        script = folder / "kubectl"
-        script.write_text(FAKE_KUBECTL.replace("{python}", sys.executable))
-        script.chmod(0o755)
-        self.set(jobs=[])
-
-    def set(self, **state):
-        tmp = self.folder / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.folder / "state.json")
-
-    def calls(self) -> list[dict]:
-        path = self.folder / "calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def verbs(self) -> list[str]:
-        return [next(a for a in c["argv"] if a in ("get", "apply", "delete")) for c in self.calls()]
-
-    def applied(self) -> list[dict]:
-        """The manifests of the last apply."""
-        return list(yaml.safe_load_all([c for c in self.calls() if "apply" in c["argv"]][-1]["stdin"]))
-
-
-def job_state(kind="active", reason=None, message=None) -> dict:
-    """A Job as `kubectl get job -o json` shows it: "active" (running), "Complete" or "Failed" (ended), or
-    "FailureTarget" (failing: its pods are still stopping)."""
-    if kind == "active":
-        return {"kind": "Job", "status": {"active": 2, "ready": 2}}
-    conditions = [{"type": kind, "status": "True", "reason": reason or kind, "message": message or ""}]
-    if kind == "Failed":
-        conditions.insert(0, dict(conditions[0], type="FailureTarget"))
-    return {"kind": "Job", "status": {"conditions": conditions}}
-
-
-@pytest.fixture()
-def kubectl(tmp_path, monkeypatch):
-    fake = FakeKubectl(tmp_path / "fake-bin")
-    monkeypatch.setenv("PATH", f"{fake.folder}{os.pathsep}{os.environ['PATH']}")
-    return fake
 
 
 # ---- the manifests -----------------------------------------------------------------------------------------
@@ -156,14 +63,16 @@ def test_an_indexed_job_of_the_workers_with_retries_and_a_failure_policy():
     assert js["podReplacementPolicy"] == "Failed"
     assert js["podFailurePolicy"]["rules"] == [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}},
+        # exit 2: that index stops retrying, the others finish, the Job ends Failed (not FailJob: every pod killed)
+        {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [2]}},
     ]
     assert js["ttlSecondsAfterFinished"] >= 3600
     assert pod["terminationGracePeriodSeconds"] > 40  # the worker's own grace must end first
     for obj in (config, job, js["template"]):
         assert obj["metadata"]["labels"] == {"app.kubernetes.io/name": "batchllm", "app.kubernetes.io/instance": name}
+    assert job["metadata"]["name"] == name
     for obj in (config, job):
-        assert obj["metadata"]["name"] == name and obj["metadata"]["namespace"] == "default"
+        assert obj["metadata"]["namespace"] == "default"
         assert obj["metadata"]["annotations"] == {"batchllm/job": "review-sentiment",
                                                   "batchllm/output": "s3://bucket/labels"}
 
@@ -175,8 +84,12 @@ def test_an_indexed_job_of_the_workers_with_retries_and_a_failure_policy():
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     job_mount = mounts[os.path.dirname(container["command"][2])]
     assert job_mount["readOnly"] is True
-    assert volumes[job_mount["name"]] == {"name": job_mount["name"], "configMap": {"name": config["metadata"]["name"]}}
-    assert config["data"] == {os.path.basename(container["command"][2]): spec.resolved_yaml()}
+    # the job file: in an immutable Secret named after the job and the file's hash (its variables are filled in)
+    job_yaml = spec.resolved_yaml()
+    assert config["metadata"]["name"] == f"{name}-{hashlib.sha256(job_yaml.encode()).hexdigest()[:8]}"
+    assert config["type"] == "Opaque" and config["immutable"] is True
+    assert config["stringData"] == {os.path.basename(container["command"][2]): job_yaml} and "data" not in config
+    assert volumes[job_mount["name"]] == {"name": job_mount["name"], "secret": {"secretName": config["metadata"]["name"]}}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert volumes[mounts[env["BATCHLLM_HOME"]]["name"]]["emptyDir"] == {}
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}
@@ -220,14 +133,34 @@ def test_names_fit_kubernetes_limits_and_name_one_job():
         k8s = kubernetes.job_name(spec)
         assert DNS_LABEL.match(k8s) and len(k8s) <= 57, k8s
         assert len(f"{k8s}-99999") <= 63  # an Indexed Job's pod hostname, for up to 100,000 workers
-        _, job, _, _ = parts(spec)
+        config, job, _, _ = parts(spec)
         assert all(DNS_LABEL.match(v) and len(v) <= 63 for v in job["metadata"]["labels"].values())
+        secret = config["metadata"]["name"]
+        assert DNS_LABEL.match(secret) and len(secret) <= 63, secret
+        assert secret.endswith(kubernetes.job_name(spec)[-7:] + "-" + secret[-8:])  # the job's fingerprint kept
+        if len(k8s) <= 54:
+            assert secret == f"{k8s}-{secret[-8:]}"
         names.add(k8s)
     assert len(names) == 5  # names cut short still differ
     spec = k8s_spec()
     assert kubernetes.job_name(spec) == kubernetes.job_name(k8s_spec())  # a resubmit finds its Job
     assert kubernetes.job_name(spec) == kubernetes.job_name(k8s_spec(compute={"workers": 9}))
     assert kubernetes.job_name(spec) != kubernetes.job_name(k8s_spec(output={"uri": "s3://bucket/2026-11-27"}))
+
+
+def test_another_job_file_is_another_secret_and_another_pod_template():
+    """A running Job can't take another job file (another worker count: two workers on one shard): its pod
+    template, which Kubernetes keeps immutable, names the job file's Secret."""
+    base = kubernetes.manifests(k8s_spec())
+    assert kubernetes.manifests(k8s_spec()) == base  # the same job file: the same manifests, a no-op apply
+    for extra in ({"compute": {"workers": 9}}, {"compute": {"kubernetes": {"image": IMAGE + "-2"}}},
+                  {"storage": {"options": {"key": "rotated"}}}):
+        spec = k8s_spec(**extra)
+        assert kubernetes.job_name(spec) == kubernetes.job_name(k8s_spec())  # the same Job ...
+        secret, job = kubernetes.manifests(spec)
+        assert secret["metadata"]["name"] != base[0]["metadata"]["name"]  # ... another Secret ...
+        assert job["spec"]["template"] != base[1]["spec"]["template"]  # ... so another pod template
+        assert secret["metadata"]["labels"] == base[0]["metadata"]["labels"]  # deleted by the same selector
 
 
 def test_manifests_pass_the_kubernetes_openapi_schema():
@@ -243,6 +176,10 @@ def test_manifests_pass_the_kubernetes_openapi_schema():
     bad["spec"]["backoffLimitPerindex"] = 1
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, "1.29", strict=True)
+    bad = kubernetes.manifests(spec)[1]  # a secret volume names its Secret `secretName`, a configMap one `name`
+    bad["spec"]["template"]["spec"]["volumes"][0]["secret"] = {"name": "x"}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.29", strict=True)
 
 
 def test_dry_run_prints_the_manifests_and_their_job_file_loads_as_the_same_job(tmp_path, kubectl):
@@ -256,7 +193,7 @@ def test_dry_run_prints_the_manifests_and_their_job_file_loads_as_the_same_job(t
     assert docs[1]["spec"]["completions"] == 3
     pod_job = tmp_path / "pod" / "job.yaml"  # the file as a pod sees it: variables filled, overrides applied
     pod_job.parent.mkdir()
-    pod_job.write_text(docs[0]["data"]["job.yaml"])
+    pod_job.write_text(docs[0]["stringData"]["job.yaml"])
     loaded = load_spec(str(pod_job), env={})
     assert loaded.fingerprint() == spec.fingerprint()
     assert loaded.output.uri == "s3://bucket/out" and loaded.compute.workers == 3
@@ -280,44 +217,135 @@ def test_the_image_has_what_the_manifests_assume():
     assert re.search(r"^USER [1-9]", dockerfile, re.M)  # not root
 
 
+# ---- check, and the model warning -------------------------------------------------------------------------
+
+def test_check_needs_kubectl_on_path_and_asks_it_nothing(kubectl, monkeypatch, tmp_path):
+    spec = k8s_spec()
+    kubernetes.check(spec, True)
+    kubernetes.check(spec, False)
+    assert kubectl.calls() == []  # no I/O: check runs before the plan is written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(SpecError, match=r"^compute.backend: kubernetes needs kubectl on PATH.*--dry-run[^\n]*$"):
+        kubernetes.check(spec, True)
+
+
+@pytest.mark.parametrize("source, warned", [
+    ("models/tiny", True),  # a relative path on this machine (model.source is no longer made absolute)
+    ("/data/models/tiny", True),
+    ("qwen2.5-0.5b-instruct", True),  # a name in this machine's model cache
+    ("smollm2-135m", False),  # a built-in alias: the pod pulls it from PyPI
+    ("s3://models/tiny", False),
+    ("gs://models/tiny", False),
+    ("hf:Qwen/Qwen2.5-0.5B-Instruct", False),
+])
+def test_a_model_source_the_pods_cant_fetch_is_warned_about(kubectl, caplog, source, warned):
+    spec = k8s_spec(model={"source": source})
+    with caplog.at_level("WARNING", logger="batchllm.runner"):
+        kubernetes.check(spec, True)
+        kubernetes.describe(spec, "job.yaml")
+    expected = (f"model.source {source} is not an alias or a remote source: the pods need it inside their image "
+                f"(or use s3://, gs:// or hf:)")
+    assert [r.getMessage() for r in caplog.records] == ([expected] * 2 if warned else [])
+
+
 # ---- run, against the stand-in kubectl (no store: these don't wait) ---------------------------------------
 
-def test_run_applies_the_job_when_there_is_none(kubectl):
-    spec = k8s_spec(compute={"kubernetes": {"context": "gke-prod", "namespace": "batch"}})
-    assert kubernetes.run(spec, "job.yaml", wait=False) == 0
-    assert kubectl.verbs() == ["get", "apply"]
+def _cleanup_argv(spec):
     name = kubernetes.job_name(spec)
-    get, apply = kubectl.calls()
-    for call in (get, apply):
-        assert call["argv"][:4] == ["--context", "gke-prod", "--namespace", "batch"]
+    return ["delete", "secret", "-l", f"app.kubernetes.io/instance={name}", "--field-selector",
+            f"metadata.name!={kubernetes.manifests(spec)[0]['metadata']['name']}", "--ignore-not-found"]
+
+
+def test_run_applies_the_job_when_there_is_none(kubectl, caplog):
+    spec = k8s_spec(compute={"kubernetes": {"context": "gke-prod", "namespace": "batch"}})
+    with caplog.at_level("INFO", logger="batchllm.runner"):
+        assert kubernetes.run(spec, "job.yaml", wait=False) == 0
+    assert kubectl.verbs() == ["get job", "apply", "delete secret"]
+    name = kubernetes.job_name(spec)
+    get, apply, cleanup = kubectl.calls()
+    for call in (get, apply, cleanup):
+        assert call["argv"][:4] == ["--namespace", "batch", "--context", "gke-prod"]
     assert get["argv"][4:] == ["get", "job", name, "--ignore-not-found", "-o", "json"]
     assert apply["argv"][4:] == ["apply", "--server-side", "--force-conflicts", "--field-manager=batchllm", "-f", "-"]
     assert kubectl.applied() == kubernetes.manifests(spec)
+    # then the job's Secrets of earlier job files go; the one the Job mounts stays
+    assert cleanup["argv"][4:] == _cleanup_argv(spec)
+    # the hints name the namespace and the context
+    prefix = "kubectl --namespace batch --context gke-prod"
+    assert (f"pods: {prefix} get pods -l app.kubernetes.io/instance={name}; logs: {prefix} logs -l "
+            f"app.kubernetes.io/instance={name} --prefix") in caplog.text
+
+
+def test_kubectl_commands_in_messages_name_the_namespace_and_context():
+    assert kubernetes.kubectl_text(k8s_spec().compute.kubernetes) == "kubectl --namespace default"
+    k8s = k8s_spec(compute={"kubernetes": {"namespace": "batch", "context": "arn:aws:eks:us-east-1:1:cluster/a b"}})
+    assert kubernetes.kubectl_text(k8s.compute.kubernetes) == \
+        "kubectl --namespace batch --context 'arn:aws:eks:us-east-1:1:cluster/a b'"  # quoted for a shell
 
 
 @pytest.mark.parametrize("ended", ["Complete", "Failed"])
-def test_run_replaces_a_job_that_ended(kubectl, ended):
-    kubectl.set(jobs=[job_state(ended)])
+def test_run_replaces_a_job_that_ended_and_its_old_secrets(kubectl, ended):
+    kubectl.set(jobs=[job_state(ended, secret="batchllm-review-sentiment-abcdef-00000000")])
     spec = k8s_spec()
     assert kubernetes.run(spec, "job.yaml", wait=False) == 0
-    assert kubectl.verbs() == ["get", "delete", "apply"]
+    assert kubectl.verbs() == ["get job", "delete job", "apply", "delete secret"]
     delete = kubectl.calls()[1]["argv"]
     assert delete[2:5] == ["delete", "job", kubernetes.job_name(spec)]
     assert "--cascade=foreground" in delete and "--wait=true" in delete  # its pods are gone before new ones start
     assert kubectl.applied() == kubernetes.manifests(spec)
+    assert kubectl.calls()[3]["argv"][2:] == _cleanup_argv(spec)
+
+
+def test_failing_to_delete_old_secrets_only_warns(kubectl, caplog):
+    kubectl.set(jobs=[], errors={"delete secret": 'Error from server (Forbidden): secrets is forbidden'})
+    with caplog.at_level("WARNING", logger="batchllm.runner"):
+        assert kubernetes.run(k8s_spec(), "job.yaml", wait=False) == 0
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("kubectl: Error from server (Forbidden)") and "delete secret -l" in warning
 
 
 @pytest.mark.parametrize("state", ["active", "FailureTarget"])
 def test_run_leaves_a_running_job_alone(kubectl, caplog, state):
-    kubectl.set(jobs=[job_state(state)])
+    spec = k8s_spec()
+    kubectl.set(jobs=[job_state(state, secret=kubernetes.manifests(spec)[0]["metadata"]["name"])])
     with caplog.at_level("INFO", logger="batchllm.runner"):
-        assert kubernetes.run(k8s_spec(), "job.yaml", wait=False) == 0
-    assert kubectl.verbs() == ["get"]
+        assert kubernetes.run(spec, "job.yaml", wait=False) == 0
+    assert kubectl.verbs() == ["get job"]
     assert "already running" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_running_job_with_another_job_file_is_followed_with_a_warning(kubectl, caplog):
+    spec = k8s_spec(compute={"workers": 8, "kubernetes": {"namespace": "batch"}})
+    old = kubernetes.manifests(k8s_spec(compute={"workers": 4, "kubernetes": {"namespace": "batch"}}))
+    kubectl.set(jobs=[job_state("active", secret=old[0]["metadata"]["name"])])
+    with caplog.at_level("INFO", logger="batchllm.runner"):
+        assert kubernetes.run(spec, "job.yaml", wait=False) == 0
+    assert kubectl.verbs() == ["get job"]  # neither applied nor deleted: the running Job's Secret stays
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    name = kubernetes.job_name(spec)
+    assert "another job file" in warning and f"`kubectl --namespace batch delete job {name}`" in warning
+
+
+def test_a_job_running_with_another_job_file_refuses_the_apply_in_one_line(kubectl):
+    """Kubernetes refuses a changed pod template on an existing Job (here: applied between the get and the
+    apply); the refusal is one line naming the way out, exit 2."""
+    spec = k8s_spec(compute={"kubernetes": {"namespace": "batch", "context": "gke-prod"}})
+    name = kubernetes.job_name(spec)
+    refusal = (f'Error from server (Invalid): Job.batch "{name}" is invalid: spec.template: Invalid value: '
+               f'core.PodTemplateSpec{{ObjectMeta:v1.ObjectMeta{{Name:"", GenerateName:""}}}}: field is immutable')
+    kubectl.set(jobs=[], errors={"apply": f"secret/{name}-0123abcd serverside-applied\n{refusal}"})
+    with pytest.raises(SpecError) as e:
+        kubernetes.run(spec, "job.yaml", wait=False)
+    assert str(e.value) == (f"job/{name} is running with a different job file; wait for it to end, or stop it with "
+                            f"`kubectl --namespace batch --context gke-prod delete job {name}`, then submit again")
+    assert kubectl.verbs() == ["get job", "apply"]  # the running Job's Secret is left alone
 
 
 def test_kubectl_failures_are_one_line(kubectl, monkeypatch, caplog, tmp_path):
-    kubectl.set(jobs=[], errors={"get": 'error: context "nope" does not exist'})
+    kubectl.set(jobs=[], errors={"get job": 'error: context "nope" does not exist'})
     with pytest.raises(SpecError, match=r'^compute.kubernetes.context: kubectl: error: context "nope" does not exist$'):
         kubernetes.run(k8s_spec(compute={"kubernetes": {"context": "nope"}}), "job.yaml", wait=False)
 
@@ -330,7 +358,7 @@ def test_kubectl_failures_are_one_line(kubectl, monkeypatch, caplog, tmp_path):
     klog = ('E1126 18:59:42.921987   28683 memcache.go:265] "Unhandled Error" err="couldn\'t get current server '
             'API group list: Get \\"https://10.0.0.1:443/api?timeout=32s\\": dial tcp 10.0.0.1:443: connect: '
             'connection refused"')
-    kubectl.set(jobs=[], errors={"get": f"{klog}\n{klog}\n{refused}\nsecond line"})  # as kubectl writes it
+    kubectl.set(jobs=[], errors={"get job": f"{klog}\n{klog}\n{refused}\nsecond line"})  # as kubectl writes it
     with caplog.at_level("ERROR", logger="batchllm.runner"):
         assert kubernetes.run(k8s_spec(), "job.yaml", wait=False) == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"kubectl: {refused}"]
