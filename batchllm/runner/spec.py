@@ -192,7 +192,8 @@ class JobSpec(_Section):
         for field in ("input", "output"):
             uri = getattr(self, field).uri
             if uri.startswith("memory:"):
-                raise ValueError(f"{field}.uri: memory:// lives in one process; the {backend} backend needs real storage")
+                raise ValueError(f"{field}.uri: memory:// lives in one process; the {backend} backend needs "
+                                 f"real storage")
             if backend == "kubernetes" and "://" not in uri:
                 raise ValueError(f"{field}.uri: a local path, which pods cannot reach; use object storage "
                                  f"(s3://, gs://, ...) with the kubernetes backend")

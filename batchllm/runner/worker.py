@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 
+from batchllm.models.sources import FetchError, ModelError
 from batchllm.runner import dataset
 from batchllm.runner.checkpoint import ShardCheckpoint
 from batchllm.runner.manifest import finalize, start_manifest
@@ -326,9 +327,12 @@ def run_worker(spec, index=None, progress=None) -> int:
                 llm = make_engine(spec)
             except GraceExpired:
                 return EXIT_RETRY
+            except FetchError as e:  # the network or the storage, not the spec: a retry may fetch it
+                log.error("model.source: %s; stopping with exit 75 so that the worker is tried again", e)
+                return EXIT_RETRY
             except ValueError as e:  # the engine's and the model store's user errors (one line each)
                 log.debug("engine construction failed", exc_info=True)
-                field = "model.source" if type(e).__name__ == "ModelError" else "engine"
+                field = "model.source" if isinstance(e, ModelError) else "engine"
                 raise SpecError(f"{field}: {e}") from None
             for shard in todo:
                 if stopper.requested:

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from batchllm.models import loader, store
 from batchllm.models.cli import models as models_cli
+from batchllm.models.sources import FetchError
 from batchllm.models.store import ModelError
 
 
@@ -131,8 +132,8 @@ def _fake_hub(monkeypatch, files, fail=None):
 
 def test_hf_unreachable(home, monkeypatch):
     _fake_hub(monkeypatch, {}, fail=OSError("We couldn't connect to 'https://huggingface.co'\nmore"))
-    with pytest.raises(ModelError, match="could not download hf:org/name from the Hugging Face Hub: "
-                                         "We couldn't connect"):
+    with pytest.raises(FetchError, match="could not download hf:org/name from the Hugging Face Hub: "
+                                         "We couldn't connect"):  # may pass when tried again: a FetchError
         store.resolve("hf:org/name")
     assert store.list_models() == []
 
@@ -252,6 +253,7 @@ def test_s3_pull(home, tiny_dir, s3_endpoint, s3_env):
 
 
 def test_s3_missing(home, s3_endpoint, s3_env):
-    with pytest.raises(ModelError, match="s3://models/absent"):
+    with pytest.raises(ModelError, match="s3://models/absent") as e:
         store.resolve("s3://models/absent", endpoint_url=s3_endpoint)
+    assert not isinstance(e.value, FetchError)  # a wrong name: no retry will find it
     assert store.list_models() == []

@@ -89,7 +89,8 @@ def test_an_indexed_job_of_the_workers_with_retries_and_a_failure_policy():
     assert config["metadata"]["name"] == f"{name}-{hashlib.sha256(job_yaml.encode()).hexdigest()[:8]}"
     assert config["type"] == "Opaque" and config["immutable"] is True
     assert config["stringData"] == {os.path.basename(container["command"][2]): job_yaml} and "data" not in config
-    assert volumes[job_mount["name"]] == {"name": job_mount["name"], "secret": {"secretName": config["metadata"]["name"]}}
+    secret = {"secretName": config["metadata"]["name"]}
+    assert volumes[job_mount["name"]] == {"name": job_mount["name"], "secret": secret}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert volumes[mounts[env["BATCHLLM_HOME"]]["name"]]["emptyDir"] == {}
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}

@@ -5,7 +5,7 @@ import subprocess
 
 _POPEN = subprocess.Popen  # the real one, for the stand-ins below
 
-from runner_helpers import (by_id, cli, jsonl_bytes, job_doc, openai_rows, parquet_bytes, read_jsonl_dir,
+from runner_helpers import (by_id, cli, free_port, jsonl_bytes, job_doc, openai_rows, parquet_bytes, read_jsonl_dir,
                             read_table, review_rows, write_job)
 
 
@@ -226,6 +226,20 @@ def test_spec_errors_found_at_plan_time(tiny_model_dir, tmp_path):
                                 "columns are: review_id, text, stars")
     r = cli("status", str(tmp_path / "nowhere"))
     assert r.exit_code == 2 and "no job there" in r.stderr
+
+
+def test_a_model_that_cannot_be_fetched_now_is_a_retry_not_a_spec_error(tmp_path):
+    """Storage that does not answer is the network's fault, not the job file's: exit 75 (Ray and Kubernetes retry
+    the worker), with one error line; nothing is written but the plan."""
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(jsonl_bytes(review_rows(3)))
+    doc = job_doc("s3://models/tiny", data, tmp_path / "out",
+                  storage={"endpoint_url": f"http://127.0.0.1:{free_port()}", "options": {"anon": True}})
+    r = cli("worker", write_job(tmp_path / "job.yaml", doc))
+    assert r.exit_code == 75, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "model.source: could not read s3://models/tiny" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "results").exists()
 
 
 def test_changed_spec_on_same_output_is_refused(tiny_model_dir, tmp_path):
