@@ -140,9 +140,9 @@ def manifests(spec) -> list[dict]:
         "podFailurePolicy": {"rules": [
             # preemption, eviction, node drain: the worker committed and exited 75; not the worker's fault
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            # exit 2 (a spec error, or a model fetch that failed on this one pod, maybe for a moment): that index
-            # stops retrying, the others finish their shards, the Job ends Failed, and a resubmit resumes. Not
-            # FailJob, which would stop every pod. Exit 1, 75 and crashes count against backoffLimitPerIndex.
+            # exit 2 (a spec error; a model fetch that failed on its way is 75): that index stops retrying, the
+            # others finish their shards, the Job ends Failed, and a resubmit resumes. Not FailJob, which would
+            # stop every pod. Exit 1, 75 and crashes count against backoffLimitPerIndex.
             {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [2]}},
         ]},
         "ttlSecondsAfterFinished": TTL_S,
