@@ -120,6 +120,28 @@ def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset,
     _check(baseline, tmp_path / "out")
 
 
+def test_a_lost_task_process_is_retried_and_its_worker_does_not_linger(ray_cluster, tiny_model_dir, dataset,
+                                                                        baseline, tmp_path):
+    """The Ray worker process that runs the task dies (as with a lost node): its child worker goes too, Ray runs
+    the task again, and the job completes with every row once."""
+    address, env = ray_cluster
+    job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
+    p = _submit(job, env)
+    _wait_for_parts(p, tmp_path / "out", 2)
+    (child,) = _worker_pids(tag)
+    with open(f"/proc/{child}/stat") as f:
+        task_process = int(f.read().rsplit(")", 1)[1].split()[1])  # the child's parent: the Ray worker process
+    os.kill(task_process, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while child in _worker_pids(tag):
+        assert time.monotonic() < deadline, "the worker outlived its task's process"
+        time.sleep(0.05)
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output
+    assert output.count("worker 0/1:") == 2, output  # the retry started a new worker, which resumed
+    _check(baseline, tmp_path / "out")
+
+
 def test_a_stopped_driver_leaves_a_job_that_resumes(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
     address, env = ray_cluster
     job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=2)
