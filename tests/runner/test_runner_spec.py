@@ -189,3 +189,27 @@ def test_worker_index(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "x")
     with pytest.raises(SpecError, match="SLURM_ARRAY_TASK_ID: expected a worker index"):
         resolve_index(None, 4)
+
+
+def test_every_field_is_documented():
+    """docs/job-spec.md names every field of the spec: as `a.b.c`, or in the row of its section (`a.*`)."""
+    import os
+    import typing
+
+    from pydantic import BaseModel
+
+    from batchllm.runner.spec import JobSpec
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "job-spec.md")) as f:
+        doc = f.read()
+    rows = {line.split("`")[1][:-2]: line for line in doc.splitlines() if line.startswith("| `") and ".*`" in line}
+
+    def fields(model, prefix=""):
+        for name, field in model.model_fields.items():
+            sub = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                   if isinstance(a, type) and issubclass(a, BaseModel)]
+            yield from fields(sub[0], f"{prefix}{name}.") if sub else [(prefix, name)]
+
+    missing = [f"{prefix}{name}" for prefix, name in fields(JobSpec)
+               if f"`{prefix}{name}`" not in doc and f"{name}:" not in rows.get(prefix.rstrip("."), "")]
+    assert not missing, f"fields missing from docs/job-spec.md: {missing}"
