@@ -185,7 +185,8 @@ def test_a_job_running_with_another_job_file_exits_2_in_one_line(s3fs_, s3_endpo
     job = _job(tmp_path, s3fs_, s3_endpoint, "k8s-immutable")
     name = f"batchllm-k8s-immutable-{_fingerprint(job)}"
     kubectl.set(jobs=[], errors={"apply": f'Error from server (Invalid): Job.batch "{name}" is invalid: '
-                                          f'spec.template: Invalid value: core.PodTemplateSpec{{}}: field is immutable'})
+                                          'spec.template: Invalid value: core.PodTemplateSpec{}: '
+                                          'field is immutable'})
     r = cli("submit", job, "--set", "compute.workers=5")
     assert r.exit_code == 2, r.output + r.stderr
     assert _errors(r) == [(f"error: job/{name} is running with a different job file; wait for it to end, or stop "

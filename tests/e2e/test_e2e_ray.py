@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from runner_helpers import by_id, cli, free_port, jsonl_bytes, job_doc, read_table, review_rows, write_job
+from runner_helpers import (by_id, cli, free_port, jsonl_bytes, job_doc, local_results, read_table, review_rows,
+                            write_job)
 
 ROWS = 72
 # one sequence at a time, 48 tokens each, small parts: a worker runs for seconds and commits often, so a kill
@@ -29,12 +30,8 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir, dataset, tmp_path_factory):
     """The local backend's results, by id."""
-    d = tmp_path_factory.mktemp("ray-baseline")
-    job = write_job(d / "job.yaml", job_doc(tiny_model_dir, dataset, d / "out", **SECTIONS,
-                                            compute={"rows_per_shard": 12}))
-    r = cli("submit", job, "--no-progress")
-    assert r.exit_code == 0, r.output + r.stderr
-    return by_id(read_table(str(d / "out" / "results")))
+    return by_id(local_results(tiny_model_dir, dataset, tmp_path_factory.mktemp("ray-baseline"), **SECTIONS,
+                               compute={"rows_per_shard": 12}))
 
 
 def _job(tmp_path, tiny_model_dir, dataset, address, workers, **compute):
@@ -106,40 +103,49 @@ def test_workers_run_as_ray_tasks(ray_cluster, tiny_model_dir, dataset, baseline
     _check(baseline, tmp_path / "out")
 
 
-def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
+def _kill_mid_run(ray_cluster, tiny_model_dir, dataset, tmp_path, victim):
+    """A one-worker job; once it committed two parts, SIGKILL to victim(the worker's pid). (driver, tag, worker)"""
     address, env = ray_cluster
     job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
     p = _submit(job, env)
     _wait_for_parts(p, tmp_path / "out", 2)
     pids = _worker_pids(tag)
     assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)  # an OOM kill or a lost node: no commit, no clean exit
+    os.kill(victim(pids[0]), signal.SIGKILL)
+    return p, tag, pids[0]
+
+
+def _completes_after_one_retry(p, baseline, out) -> str:
     output, _ = p.communicate(timeout=300)
     assert p.returncode == 0, output
-    assert "will be retried" in output and output.count("worker 0/1:") == 2, output
-    _check(baseline, tmp_path / "out")
+    assert output.count("worker 0/1:") == 2, output  # the retry started a new worker, which resumed
+    _check(baseline, out)
+    return output
+
+
+def test_a_killed_worker_is_retried_by_ray(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):
+    # an OOM kill or a lost node: no commit, no clean exit
+    p, _, _ = _kill_mid_run(ray_cluster, tiny_model_dir, dataset, tmp_path, victim=lambda worker: worker)
+    output = _completes_after_one_retry(p, baseline, tmp_path / "out")
+    assert "will be retried" in output, output
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_a_lost_task_process_is_retried_and_its_worker_does_not_linger(ray_cluster, tiny_model_dir, dataset,
                                                                         baseline, tmp_path):
     """The Ray worker process that runs the task dies (as with a lost node): its child worker goes too, Ray runs
     the task again, and the job completes with every row once."""
-    address, env = ray_cluster
-    job, tag = _job(tmp_path, tiny_model_dir, dataset, address, workers=1)
-    p = _submit(job, env)
-    _wait_for_parts(p, tmp_path / "out", 2)
-    (child,) = _worker_pids(tag)
-    with open(f"/proc/{child}/stat") as f:
-        task_process = int(f.read().rsplit(")", 1)[1].split()[1])  # the child's parent: the Ray worker process
-    os.kill(task_process, signal.SIGKILL)
+    # the worker's parent is the Ray worker process that runs the task
+    p, tag, child = _kill_mid_run(ray_cluster, tiny_model_dir, dataset, tmp_path, victim=_parent)
     deadline = time.monotonic() + 30
     while child in _worker_pids(tag):
         assert time.monotonic() < deadline, "the worker outlived its task's process"
         time.sleep(0.05)
-    output, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, output
-    assert output.count("worker 0/1:") == 2, output  # the retry started a new worker, which resumed
-    _check(baseline, tmp_path / "out")
+    _completes_after_one_retry(p, baseline, tmp_path / "out")
 
 
 def test_a_stopped_driver_leaves_a_job_that_resumes(ray_cluster, tiny_model_dir, dataset, baseline, tmp_path):

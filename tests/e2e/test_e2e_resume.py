@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from runner_helpers import by_id, cli, jsonl_bytes, job_doc, read_table, review_rows, write_job
+from runner_helpers import (by_id, cli, jsonl_bytes, job_doc, local_results, read_table, review_rows,
+                            write_job)
 
 ROWS = 24
 # one sequence at a time, 48 tokens each, and small parts: the shard takes ~1,000 steps (seconds, where 8
@@ -31,11 +32,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir, dataset, tmp_path_factory):
     """Results of the uninterrupted run, by id."""
-    d = tmp_path_factory.mktemp("baseline")
-    job = write_job(d / "job.yaml", job_doc(tiny_model_dir, dataset, d / "out", **SECTIONS))
-    r = cli("submit", job, "--no-progress")
-    assert r.exit_code == 0, r.output + r.stderr
-    rows = read_table(str(d / "out" / "results"))
+    rows = local_results(tiny_model_dir, dataset, tmp_path_factory.mktemp("baseline"), **SECTIONS)
     assert len(rows) == ROWS
     return by_id(rows)
 

@@ -84,6 +84,15 @@ def write_job(path, doc) -> str:
     return str(path)
 
 
+def local_results(model_dir, data, work_dir, **sections):
+    """Run a job over `data` on the local backend to completion in `work_dir`; its result rows (the baseline that
+    interrupted or distributed runs of the same job are compared with)."""
+    job = write_job(work_dir / "job.yaml", job_doc(model_dir, data, work_dir / "out", **sections))
+    r = cli("submit", job, "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    return read_table(str(work_dir / "out" / "results"))
+
+
 def cli(*args, env=None):
     """Run `batchllm ARGS` in this process; returns the click Result (exit_code, stdout, stderr)."""
     from click.testing import CliRunner
